@@ -1,0 +1,1 @@
+"""backends layer of Open-AutoGLM (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""Open-AutoGLM's own inference engine: paged KV cache, continuous batching, prefix caching, batched sampling."""

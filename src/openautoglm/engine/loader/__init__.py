@@ -1,0 +1,1 @@
+"""Checkpoint resolution, safetensors loading, dummy weights and the demo checkpoint."""

@@ -1,0 +1,1 @@
+"""GLM-family model implementations. Every model has the same constructor and forward signature (base.py)."""

@@ -1,0 +1,1 @@
+"""gateway layer of Open-AutoGLM (see DESIGN.md)."""

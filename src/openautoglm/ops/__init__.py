@@ -1,0 +1,1 @@
+"""ops layer of Open-AutoGLM (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""Internal request/response types shared by every layer, and the error hierarchy."""

@@ -1,0 +1,61 @@
+"""What the engine streams back: per-request outputs with text and token deltas, finish reasons and usage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the end of the context
+    ABORT = "abort"  # the client went away, an admin or a drain aborted it
+    ERROR = "error"  # the request failed inside the engine; the engine goes on
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (token_id, text, logprob), best first
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One of the ``n`` sequences of a request. Fields ending in ``_delta`` hold only what is new in this chunk."""
+
+    index: int
+    text_delta: str = ""
+    token_ids_delta: list[int] = field(default_factory=list)
+    logprobs_delta: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+    num_tokens: int = 0  # tokens generated so far for this sequence
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """A chunk of a request's stream. ``finished`` is set on the last chunk, which always carries usage."""
+
+    request_id: str
+    outputs: list[CompletionOutput]
+    prompt_token_ids: list[int] | None = None  # set on the first chunk only
+    finished: bool = False
+    usage: Usage | None = None
+    error: str | None = None  # with FinishReason.ERROR: what went wrong

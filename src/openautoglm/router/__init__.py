@@ -1,0 +1,1 @@
+"""router layer of Open-AutoGLM (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""server layer of Open-AutoGLM (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""store layer of Open-AutoGLM (see DESIGN.md)."""
