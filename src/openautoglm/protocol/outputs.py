@@ -59,3 +59,41 @@ class RequestOutput:
     finished: bool = False
     usage: Usage | None = None
     error: str | None = None  # with FinishReason.ERROR: what went wrong
+
+
+@dataclass(slots=True)
+class CompletedSequence:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass(slots=True)
+class CompletedRequest:
+    """A whole request, folded from its stream of chunks (non-streaming responses and the offline API)."""
+
+    request_id: str
+    prompt_token_ids: list[int] = field(default_factory=list)
+    sequences: list[CompletedSequence] = field(default_factory=list)
+    usage: Usage | None = None
+    error: str | None = None
+    finished: bool = False
+
+    def add(self, chunk: RequestOutput) -> None:
+        if chunk.prompt_token_ids is not None:
+            self.prompt_token_ids = chunk.prompt_token_ids
+        for out in chunk.outputs:
+            while len(self.sequences) <= out.index:
+                self.sequences.append(CompletedSequence(index=len(self.sequences)))
+            seq = self.sequences[out.index]
+            seq.text += out.text_delta
+            seq.token_ids.extend(out.token_ids_delta)
+            if out.logprobs_delta is not None:
+                seq.logprobs = (seq.logprobs or []) + out.logprobs_delta
+            if out.finish_reason is not None:
+                seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
+        if chunk.finished:
+            self.finished, self.usage, self.error = True, chunk.usage, chunk.error

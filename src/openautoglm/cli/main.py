@@ -1,0 +1,20 @@
+"""The `autoglm` command. Each command is a thin wrapper: parse flags, call the library."""
+
+from __future__ import annotations
+
+import typer
+
+from openautoglm.cli import bench, generate
+
+app = typer.Typer(
+    name="autoglm",
+    help="Open-AutoGLM: serve GLM-family language models in production.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+generate.register(app)
+bench.register(app)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,361 @@
+"""EngineCore: the step loop — schedule, execute, sample, emit. It owns no asyncio and no threads; AsyncEngine
+and LLM drive it. A failure inside one request fails that request; the engine goes on serving the others."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from openautoglm.config.settings import EngineConfig, ModelConfig
+from openautoglm.engine.attention.reference import ReferenceAttentionBackend
+from openautoglm.engine.input_processor import InputProcessor, ProcessedRequest
+from openautoglm.engine.kv_cache import KVCacheManager
+from openautoglm.engine.loader import load_model
+from openautoglm.engine.request import Request
+from openautoglm.engine.runner import ModelRunner, kv_cache_bytes_per_block
+from openautoglm.engine.sampling import Sampler, SampledLogprobs
+from openautoglm.engine.scheduler import Scheduler
+from openautoglm.engine.stats import EngineStats
+from openautoglm.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from openautoglm.protocol.errors import ConfigError, InvalidRequestError
+from openautoglm.protocol.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprob, Usage
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device is {spec!r}, but this PyTorch build sees no CUDA device")
+    return device
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[spec]
+
+
+@dataclass(slots=True)
+class _Group:
+    """One user request: its n sequences and what has been reported of it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    seqs: list[Request]
+    num_unfinished: int
+    first_sent: bool = False
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _SeqState:
+    group: _Group
+    detok: IncrementalDetokenizer
+    stop_ids: frozenset[int]
+    max_tokens: int
+    want_logprobs: bool
+
+
+@dataclass(slots=True)
+class _StepOutputs:
+    by_group: dict[str, list[CompletionOutput]] = field(default_factory=dict)
+
+    def add(self, group: _Group, out: CompletionOutput) -> None:
+        self.by_group.setdefault(group.request_id, []).append(out)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        mcfg = config.model
+        self.device = resolve_device(mcfg.device)
+        self.dtype = resolve_dtype(mcfg.dtype, self.device)
+        torch.manual_seed(mcfg.seed)
+        loaded = load_model(mcfg, self.device, self.dtype)
+        self.arch = loaded.arch
+        self.checkpoint_path = loaded.path
+        self.tokenizer = Tokenizer.from_pretrained(mcfg.tokenizer or loaded.path)
+        self.model_name = served_model_name(mcfg)
+        self.max_model_len = self._max_model_len(mcfg)
+        block_size = config.cache.block_size
+        num_blocks = self._num_blocks(block_size)
+        self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.max_model_len)
+        backend = ReferenceAttentionBackend()
+        self.runner = ModelRunner(loaded.model, self.arch, backend, num_blocks, block_size, self.device, self.dtype)
+        self.sampler = Sampler(self.arch.vocab_size)
+        self.input_processor = InputProcessor(
+            self.tokenizer, config.scheduler, self.max_model_len, self.arch.vocab_size, num_blocks * block_size
+        )
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.arch.eos_token_ids)
+        self._groups: dict[str, _Group] = {}
+        self._seqs: dict[str, _SeqState] = {}
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._num_steps = 0
+        logger.info(
+            "Open-AutoGLM engine ready: %s (%s) on %s/%s, max_model_len %d, %d KV blocks of %d tokens",
+            self.model_name, self.arch.architecture, self.device, str(self.dtype).removeprefix("torch."),
+            self.max_model_len, num_blocks, block_size,
+        )  # fmt: skip
+
+    # ---- set-up -------------------------------------------------------------------------------------------
+
+    def _max_model_len(self, mcfg: ModelConfig) -> int:
+        limit = self.arch.max_position_embeddings
+        if mcfg.max_model_len is None:
+            return limit
+        if mcfg.max_model_len > limit:
+            raise ConfigError(
+                f"model.max_model_len ({mcfg.max_model_len}) exceeds the checkpoint's max_position_embeddings "
+                f"({limit}); set it to at most {limit}"
+            )
+        return mcfg.max_model_len
+
+    def _num_blocks(self, block_size: int) -> int:
+        ccfg = self.config.cache
+        if ccfg.num_blocks is not None:
+            return ccfg.num_blocks
+        per_block = kv_cache_bytes_per_block(self.arch, block_size, self.dtype)
+        budget = ccfg.kv_cache_memory_bytes
+        if budget is None and self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(total * ccfg.gpu_memory_utilization) - (total - free)
+        elif budget is None:
+            # On CPU, never reserve more than the sequences could ever use at once (twice, for prefix reuse).
+            useful = 2 * self.config.scheduler.max_num_seqs * math.ceil(self.max_model_len / block_size)
+            budget = min(GiB, useful * per_block)
+        num_blocks = budget // per_block
+        if num_blocks < 2:
+            raise ConfigError(
+                f"the KV cache budget ({budget} bytes) holds {num_blocks} blocks of {per_block} bytes; raise "
+                "cache.kv_cache_memory_bytes or cache.gpu_memory_utilization, or lower cache.block_size"
+            )
+        return num_blocks
+
+    # ---- requests -----------------------------------------------------------------------------------------
+
+    def add_request(self, processed: ProcessedRequest) -> None:
+        rid = processed.request_id
+        if rid in self._groups:
+            raise InvalidRequestError(f"request id {rid!r} is already in flight", param="request_id")
+        params = processed.sampling
+        group = _Group(rid, processed.prompt_token_ids, [], params.n)
+        for index in range(params.n):
+            seq = Request(
+                request_id=rid if params.n == 1 else f"{rid}#{index}",
+                prompt_token_ids=processed.prompt_token_ids,
+                sampling_params=params,
+                eos_token_ids=self.eos_token_ids,
+                priority=processed.priority,
+                parent_id=rid,
+                index=index,
+                generator=_generator(params.seed, index, self.device),
+            )
+            detok = IncrementalDetokenizer(
+                self.tokenizer,
+                processed.prompt_token_ids,
+                skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+            )
+            self._seqs[seq.request_id] = _SeqState(
+                group, detok, frozenset(params.stop_token_ids), params.max_tokens or 1, params.logprobs is not None
+            )
+            group.seqs.append(seq)
+        self._groups[rid] = group
+        self._prompt_tokens += len(processed.prompt_token_ids)
+        for seq in group.seqs:
+            self.scheduler.add_request(seq)
+
+    def abort(self, request_ids: Iterable[str]) -> list[RequestOutput]:
+        out = _StepOutputs()
+        seq_ids = [s.request_id for rid in request_ids if (g := self._groups.get(rid)) for s in g.seqs]
+        for seq in self.scheduler.abort_requests(seq_ids):
+            self._finish(seq, FinishReason.ABORT, None, "", out)
+        return self._collect(out)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._groups)
+
+    # ---- the step -----------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        self._num_steps += 1
+        out = _StepOutputs()
+        for seq in sched.finished_by_scheduler:
+            self._finish(seq, seq.finish_reason or FinishReason.LENGTH, None, "", out, notify_scheduler=False)
+        if not sched.scheduled:
+            return self._collect(out)
+        try:
+            reqs, logits = self.runner.execute(sched.scheduled)
+        except Exception as exc:  # noqa: BLE001 — a model fault fails this step's requests, never the engine
+            logger.exception("Open-AutoGLM engine: model step failed; failing its %d requests", len(sched.scheduled))
+            for s in sched.scheduled:
+                self._fail(s.request, exc, out)
+            return self._collect(out)
+        if reqs:
+            for req, token, lp in self._sample(logits, reqs, out):
+                self._append_token(req, token, lp, out)
+        return self._collect(out)
+
+    def _sample(
+        self, logits: torch.Tensor, reqs: list[Request], out: _StepOutputs
+    ) -> list[tuple[Request, int, SampledLogprobs | None]]:
+        try:
+            res = self.sampler.sample(logits, reqs)
+            return list(zip(reqs, res.token_ids, res.logprobs, strict=True))
+        except Exception:  # noqa: BLE001 — find the faulty request(s) row by row; the others still get a token
+            logger.warning("Open-AutoGLM engine: batched sampling failed; isolating the faulty request")
+        results = []
+        for i, req in enumerate(reqs):
+            try:
+                res = self.sampler.sample(logits[i : i + 1], [req])
+            except Exception as exc:  # noqa: BLE001 — a logits processor or parameter fault is this request's
+                self._fail(req, exc, out)
+                continue
+            results.append((req, res.token_ids[0], res.logprobs[0]))
+        return results
+
+    def _append_token(self, req: Request, token: int, lp: SampledLogprobs | None, out: _StepOutputs) -> None:
+        state = self._seqs[req.request_id]
+        req.output_token_ids.append(token)
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        self._generation_tokens += 1
+        try:
+            delta = state.detok.step([token])
+            logprobs = [self._logprob(lp)] if state.want_logprobs and lp is not None else None
+        except Exception as exc:  # noqa: BLE001 — e.g. a tokenizer fault on this request's text
+            self._fail(req, exc, out)
+            return
+        reason, stop = self._stop_check(req, state, token, delta.stop_str)
+        if reason is not None:
+            text = delta.text if delta.stop_str is not None else delta.text + state.detok.flush()
+            self._finish(req, reason, stop, text, out, token_ids=[token], logprobs=logprobs)
+            return
+        out.add(
+            state.group,
+            CompletionOutput(req.index, delta.text, [token], logprobs, None, None, len(req.output_token_ids)),
+        )
+
+    def _stop_check(
+        self, req: Request, state: _SeqState, token: int, stop_str: str | None
+    ) -> tuple[FinishReason | None, str | int | None]:
+        params = req.sampling_params
+        num_out = len(req.output_token_ids)
+        if stop_str is not None:
+            return FinishReason.STOP, stop_str
+        if token in state.stop_ids and num_out >= params.min_tokens:
+            return FinishReason.STOP, token
+        if token in req.eos_token_ids and not params.ignore_eos and num_out >= params.min_tokens:
+            return FinishReason.STOP, None
+        if num_out >= state.max_tokens or req.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH, None
+        return None, None
+
+    def _logprob(self, lp: SampledLogprobs) -> TokenLogprob:
+        text = self.tokenizer.token_text
+        return TokenLogprob(lp.token_id, text(lp.token_id), lp.logprob, [(t, text(t), v) for t, v in lp.top])
+
+    # ---- finishing ----------------------------------------------------------------------------------------
+
+    def _fail(self, req: Request, exc: BaseException, out: _StepOutputs) -> None:
+        logger.error("Open-AutoGLM engine: request %s failed: %s: %s", req.request_id, type(exc).__name__, exc)
+        state = self._seqs.get(req.request_id)
+        if state is not None:
+            state.group.error = f"{type(exc).__name__}: {exc}"
+        self._finish(req, FinishReason.ERROR, None, "", out)
+
+    def _finish(
+        self,
+        req: Request,
+        reason: FinishReason,
+        stop: str | int | None,
+        text: str,
+        out: _StepOutputs,
+        *,
+        token_ids: list[int] | None = None,
+        logprobs: list[TokenLogprob] | None = None,
+        notify_scheduler: bool = True,
+    ) -> None:
+        state = self._seqs.pop(req.request_id, None)
+        if state is None:  # already finished (e.g. aborted and failed in the same step)
+            return
+        if notify_scheduler and not req.is_finished:
+            self.scheduler.finish_request(req, reason, stop)
+        state.group.num_unfinished -= 1
+        out.add(
+            state.group,
+            CompletionOutput(req.index, text, token_ids or [], logprobs, reason, stop, len(req.output_token_ids)),
+        )
+
+    def _collect(self, out: _StepOutputs) -> list[RequestOutput]:
+        results = []
+        for rid, outputs in out.by_group.items():
+            group = self._groups[rid]
+            finished = group.num_unfinished == 0
+            results.append(
+                RequestOutput(
+                    request_id=rid,
+                    outputs=outputs,
+                    prompt_token_ids=None if group.first_sent else group.prompt_token_ids,
+                    finished=finished,
+                    usage=self._usage(group) if finished else None,
+                    error=group.error if finished else None,
+                )
+            )
+            group.first_sent = True
+            if finished:
+                del self._groups[rid]
+        return results
+
+    @staticmethod
+    def _usage(group: _Group) -> Usage:
+        return Usage(
+            prompt_tokens=len(group.prompt_token_ids),
+            completion_tokens=sum(len(s.output_token_ids) for s in group.seqs),
+            cached_tokens=group.seqs[0].num_cached_tokens,
+        )
+
+    def stats(self, step_loop_alive: bool = True) -> EngineStats:
+        kv = self.kv_cache
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_blocks=kv.num_blocks,
+            num_free_blocks=kv.num_free_blocks,
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=self._generation_tokens,
+            num_steps=self._num_steps,
+            step_loop_alive=step_loop_alive,
+        )
+
+
+def served_model_name(mcfg: ModelConfig) -> str:
+    return mcfg.served_model_name or mcfg.model
+
+
+def _generator(seed: int | None, index: int, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    # Each of the n sequences gets its own stream; sequence 0 uses the seed as given.
+    gen.manual_seed((seed + index * 0x9E3779B97F4A7C15) % (1 << 64))
+    return gen

@@ -1,0 +1,95 @@
+"""`autoglm bench offline`: throughput of the engine on synthetic requests, optionally against transformers'
+continuous-batching ``generate_batch`` on the same checkpoint and requests, in the same process."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from openautoglm.config.settings import EngineConfig
+from openautoglm.engine.llm import LLM
+from openautoglm.protocol.errors import InvalidRequestError
+from openautoglm.protocol.request import GenerationRequest
+from openautoglm.protocol.sampling import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class Throughput:
+    name: str
+    num_requests: int
+    input_tokens: int
+    output_tokens: int
+    elapsed_s: float
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.num_requests / self.elapsed_s
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        return (self.input_tokens + self.output_tokens) / self.elapsed_s
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        d = asdict(self)
+        d.update(
+            requests_per_s=self.requests_per_s,
+            output_tokens_per_s=self.output_tokens_per_s,
+            total_tokens_per_s=self.total_tokens_per_s,
+        )
+        return d
+
+
+def parse_range(spec: str, name: str) -> tuple[int, int]:
+    """'16:128' → (16, 128); '32' → (32, 32)."""
+    try:
+        lo, _, hi = spec.partition(":")
+        low, high = int(lo), int(hi or lo)
+    except ValueError as exc:
+        raise InvalidRequestError(f"{name} must be N or A:B with integers, got {spec!r}", param=name) from exc
+    if not 1 <= low <= high:
+        raise InvalidRequestError(f"{name} must satisfy 1 <= A <= B, got {spec!r}", param=name)
+    return low, high
+
+
+def synthetic_prompts(num: int, input_len: tuple[int, int], vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    # Stay clear of the top of the vocabulary, where GLM tokenizers keep their special tokens.
+    high = max(2, vocab - 64)
+    return [[rng.randrange(1, high) for _ in range(rng.randint(*input_len))] for _ in range(num)]
+
+
+def bench_engine(config: EngineConfig, prompts: list[list[int]], output_len: int) -> Throughput:
+    llm = LLM(config)
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    warm = [GenerationRequest(request_id="warmup", prompt_token_ids=prompts[0], sampling=params)]
+    llm.run(warm)
+    requests = [GenerationRequest(f"bench-{i}", prompt_token_ids=p, sampling=params) for i, p in enumerate(prompts)]
+    start = time.perf_counter()
+    results = llm.run(requests)
+    elapsed = time.perf_counter() - start
+    out_tokens = sum(len(s.token_ids) for r in results for s in r.sequences)
+    return Throughput("open-autoglm", len(prompts), sum(map(len, prompts)), out_tokens, elapsed)
+
+
+def bench_transformers(checkpoint: str, prompts: list[list[int]], output_len: int, dtype: torch.dtype) -> Throughput:
+    """transformers' continuous batching (``generate_batch``), greedy, no EOS, on the same prompts."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa").eval()
+    gen_cfg = GenerationConfig(
+        max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0, use_cuda_graph=False
+    )
+    with torch.inference_mode():
+        model.generate_batch(inputs=prompts[:1], generation_config=gen_cfg)  # warm-up, as for the engine
+        start = time.perf_counter()
+        outputs = model.generate_batch(inputs=prompts, generation_config=gen_cfg)
+        elapsed = time.perf_counter() - start
+    out_tokens = sum(len(o.generated_tokens) for o in outputs.values())
+    return Throughput("transformers generate_batch", len(prompts), sum(map(len, prompts)), out_tokens, elapsed)
