@@ -27,6 +27,13 @@ class LLM:
         self.core = EngineCore(config)
         self._ids = itertools.count()
 
+    @classmethod
+    def from_core(cls, core: EngineCore) -> LLM:
+        """Drive an existing EngineCore (tests inject faults into one they hold)."""
+        llm = cls.__new__(cls)
+        llm.core, llm._ids = core, itertools.count()
+        return llm
+
     @property
     def tokenizer(self):  # noqa: ANN201 — the engine's Tokenizer
         return self.core.tokenizer
