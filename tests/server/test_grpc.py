@@ -1,0 +1,298 @@
+"""KServe v2 gRPC: stubs, conversions and error codes (unit); the service through tritonclient (end to end).
+
+Triton's own client library is the oracle for the wire format: its stubs, its request builder and its result
+decoder must read what we write and write what we read.
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
+from tritonclient.grpc import service_pb2 as triton_pb
+from tritonclient.grpc._utils import _get_inference_request  # what tritonclient puts on the wire
+from tritonclient.utils import serialize_byte_tensor
+
+from openautoglm.protocol import errors as E
+from openautoglm.protocol.outputs import FinishReason, Usage
+from openautoglm.server.grpc import SERVICE_NAME
+from openautoglm.server.grpc.convert import (
+    FINAL_RESPONSE,
+    TEXT_OUTPUT,
+    infer_response,
+    parse_infer_request,
+    sampling_params,
+    stream_error,
+)
+from openautoglm.server.grpc.errors import status_code, trailing_metadata
+from openautoglm.server.grpc.proto import grpc_predict_v2_pb2 as pb
+from openautoglm.server.grpc.tensors import (
+    decode_bytes_elements,
+    encode_bytes_elements,
+    input_elements,
+    parameter_value,
+)
+
+MODEL = "demo"
+
+
+def _triton_request(
+    prompt: str | None = "Hello", *, parameters: dict | None = None, extra=(), **kw
+) -> pb.ModelInferRequest:
+    """Build a request exactly as tritonclient does, and read it back with our stubs."""
+    inputs = []
+    if prompt is not None:
+        text = InferInput("text_input", [1], "BYTES")
+        text.set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
+        inputs.append(text)
+    inputs.extend(extra)
+    args = dict(
+        model_name=MODEL, inputs=inputs, model_version="", request_id="req-1", outputs=None, sequence_id=0,
+        sequence_start=False, sequence_end=False, priority=0, timeout=None, parameters=parameters,
+    )  # fmt: skip
+    args.update(kw)
+    wire = _get_inference_request(**args).SerializeToString()
+    return pb.ModelInferRequest.FromString(wire)
+
+
+def _parse(msg: pb.ModelInferRequest):
+    return parse_infer_request(msg, served_model=MODEL, request_id="grpc-test")
+
+
+# --- stubs -----------------------------------------------------------------------------------------------
+
+
+def test_checked_in_stubs_match_a_fresh_generation() -> None:
+    pytest.importorskip("grpc_tools")
+    from openautoglm.server.grpc.codegen import stale_files
+
+    assert stale_files() == [], "run: python -m openautoglm.server.grpc.codegen"
+
+
+def test_messages_and_service_are_wire_compatible_with_triton() -> None:
+    ours, theirs = pb.DESCRIPTOR, triton_pb.DESCRIPTOR
+    assert ours.package == theirs.package == "inference"
+    assert SERVICE_NAME == "inference.GRPCInferenceService"
+
+    def fields(desc):  # recursively, nested messages included
+        own = {(f.name, f.number, f.type, f.is_repeated) for f in desc.fields}
+        return own, {n.name: fields(n) for n in desc.nested_types}
+
+    for name, desc in ours.message_types_by_name.items():
+        assert fields(desc) == fields(theirs.message_types_by_name[name]), name
+    their_methods = {m.name: m for m in theirs.services_by_name["GRPCInferenceService"].methods}
+    for method in ours.services_by_name["GRPCInferenceService"].methods:
+        other = their_methods[method.name]
+        assert (method.input_type.name, method.output_type.name) == (
+            other.input_type.name,
+            other.output_type.name,
+        )
+        assert (method.client_streaming, method.server_streaming) == (
+            other.client_streaming,
+            other.server_streaming,
+        )
+
+
+# --- tensors and parameters ------------------------------------------------------------------------------
+
+
+def test_bytes_elements_round_trip_with_tritons_serializer() -> None:
+    items = [b"", "Grüße".encode(), b"\x00\xff" * 300]
+    raw = encode_bytes_elements(items)
+    assert raw == serialize_byte_tensor(np.array(items, dtype=np.object_)).item()
+    assert decode_bytes_elements(raw, "t") == items
+    with pytest.raises(E.InvalidRequestError, match="'t'"):
+        decode_bytes_elements(raw[:-1], "t")
+    with pytest.raises(E.InvalidRequestError, match="length prefix"):
+        decode_bytes_elements(b"\x01\x00", "t")
+
+
+def test_numeric_inputs_from_raw_and_typed_contents() -> None:
+    cases = [("INT32", np.int32, [[7]]), ("FP32", np.float32, [[0.5]]), ("BOOL", np.bool_, [[True]])]
+    extra = []
+    for i, (dtype, np_type, value) in enumerate(cases):
+        tensor = InferInput(f"t{i}", [1, 1], dtype)
+        tensor.set_data_from_numpy(np.array(value, dtype=np_type))
+        extra.append(tensor)
+    got = input_elements(_triton_request(extra=extra))
+    assert got["t0"] == ("INT32", [7]) and got["t1"] == ("FP32", [0.5]) and got["t2"] == ("BOOL", [True])
+
+    typed = pb.ModelInferRequest(model_name=MODEL)
+    t = typed.inputs.add(name="top_k", datatype="INT64", shape=[1])
+    t.contents.int64_contents.append(5)
+    assert input_elements(typed) == {"top_k": ("INT64", [5])}
+    t.shape[:] = [2]
+    with pytest.raises(E.InvalidRequestError, match="needs 2"):
+        input_elements(typed)
+
+
+def test_sampling_parameters_from_request_parameters() -> None:
+    params = {"max_tokens": 7, "temperature": "0.25", "top_p": "0.9", "top_k": 3, "seed": 11}
+    params |= {"stop": '["\\n", "END"]', "ignore_eos": True}
+    call = _parse(_triton_request(parameters=params))
+    s = call.request.sampling
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed) == (7, 0.25, 0.9, 3, 11)
+    assert s.stop == ["\n", "END"] and s.ignore_eos is True
+    assert call.request.prompt == "Hello" and call.request.request_id == "grpc-test"
+    assert call.client_id == "req-1" and call.stream is True and call.echo == ""
+
+
+def test_double_and_uint64_parameters() -> None:
+    msg = _triton_request()
+    msg.parameters["temperature"].double_param = 0.5
+    msg.parameters["max_tokens"].uint64_param = 9
+    s = _parse(msg).request.sampling
+    assert (s.temperature, s.max_tokens) == (0.5, 9)
+    assert parameter_value(msg.parameters["temperature"]) == 0.5
+
+
+def test_triton_style_names_tensors_and_sampling_parameters_json() -> None:
+    def scalar(name: str, dtype: str, value) -> InferInput:
+        t = InferInput(name, [1, 1], dtype)
+        t.set_data_from_numpy(np.array([[value]], dtype=np.object_ if dtype == "BYTES" else None))
+        return t
+
+    extra = [
+        scalar("max_tokens", "INT32", np.int32(5)),
+        scalar("random_seed", "UINT64", np.uint64(42)),
+        scalar("stop_words", "BYTES", b"###"),
+        scalar("sampling_parameters", "BYTES", b'{"temperature": "0.7", "top_k": 2, "max_tokens": 99}'),
+        scalar("exclude_input_in_output", "BOOL", np.bool_(False)),
+    ]
+    call = _parse(_triton_request(extra=extra, parameters={"top_k": 4}))
+    s = call.request.sampling
+    # sampling_parameters < input tensors < request parameters
+    assert (s.max_tokens, s.temperature, s.top_k, s.seed, s.stop) == (5, 0.7, 4, 42, ["###"])
+    assert call.echo == "Hello"
+
+
+@pytest.mark.parametrize(
+    ("parameters", "param"),
+    [
+        ({"temperature": "hot"}, "temperature"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"top_p": "1.5"}, "top_p"),
+        ({"stream": "maybe"}, "stream"),
+        ({"stop": "[1, 2]"}, "stop"),
+        ({"sampling_parameters": "[1]"}, "sampling_parameters"),
+    ],
+)
+def test_bad_parameters_name_the_parameter(parameters: dict, param: str) -> None:
+    with pytest.raises(E.InvalidRequestError) as info:
+        _parse(_triton_request(parameters=parameters))
+    assert info.value.param == param and param in info.value.message
+    assert status_code(info.value) is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_unknown_parameters_are_ignored() -> None:
+    assert _parse(_triton_request(parameters={"no_such_setting": 1})).request.sampling.max_tokens == 16
+
+
+def test_bad_requests() -> None:
+    with pytest.raises(E.ModelNotFoundError, match=r"'other'.*'demo'"):
+        _parse(_triton_request(model_name="other"))
+    with pytest.raises(E.ModelNotFoundError, match="version '7'"):
+        _parse(_triton_request(model_version="7"))
+    with pytest.raises(E.InvalidRequestError, match=r"'text_input'.*required"):
+        _parse(_triton_request(prompt=None))
+    with pytest.raises(E.InvalidRequestError, match="prompt must not be empty"):
+        _parse(_triton_request(prompt=""))
+    with pytest.raises(E.InvalidRequestError, match="unknown output 'logits'"):
+        _parse(_triton_request(outputs=[InferRequestedOutput("logits")]))
+    odd = InferInput("beam_width", [1], "INT32")
+    odd.set_data_from_numpy(np.array([2], dtype=np.int32))
+    with pytest.raises(E.InvalidRequestError, match="unknown input 'beam_width'"):
+        _parse(_triton_request(extra=[odd]))
+    bad_utf8 = _triton_request()
+    bad_utf8.raw_input_contents[0] = encode_bytes_elements([b"\xff\xfe"])
+    with pytest.raises(E.InvalidRequestError, match="UTF-8"):
+        _parse(bad_utf8)
+    two = _triton_request()
+    two.inputs[0].shape[:] = [2]
+    two.raw_input_contents[0] = encode_bytes_elements([b"a", b"b"])
+    with pytest.raises(E.InvalidRequestError, match="exactly one element"):
+        _parse(two)
+
+
+def test_chat_template_parameter_makes_a_user_message() -> None:
+    call = _parse(_triton_request(parameters={"apply_chat_template": True}))
+    assert call.request.prompt is None and call.request.messages == [{"role": "user", "content": "Hello"}]
+
+
+def test_sampling_params_defaults_are_the_engines() -> None:
+    assert sampling_params({}) == sampling_params({"unknown": 1})
+    assert sampling_params({"min_length": "2", "max_new_tokens": 3}).min_tokens == 2
+
+
+# --- responses -------------------------------------------------------------------------------------------
+
+
+def test_response_is_read_by_tritons_result_decoder() -> None:
+    ours = infer_response(
+        model_name=MODEL, client_id="r", text="Grüße ✓", finish_reason=FinishReason.LENGTH,
+        usage=Usage(prompt_tokens=3, completion_tokens=4, cached_tokens=1), final=True,
+    )  # fmt: skip
+    result = InferResult(triton_pb.ModelInferResponse.FromString(ours.SerializeToString()))
+    assert result.as_numpy(TEXT_OUTPUT).tolist() == ["Grüße ✓".encode()]
+    params = result.get_response().parameters
+    assert params["finish_reason"].string_param == "length"
+    assert params["completion_tokens"].int64_param == 4 and params["cached_tokens"].int64_param == 1
+    assert params[FINAL_RESPONSE].bool_param is True
+    assert result.get_response().id == "r" and result.get_response().model_version == "1"
+
+
+def test_stream_error_response() -> None:
+    msg = stream_error(model_name=MODEL, client_id="r", exc=E.InvalidRequestError("top_p must be in (0, 1]"))
+    assert msg.error_message == "[INVALID_ARGUMENT] top_p must be in (0, 1]"
+    assert msg.infer_response.parameters[FINAL_RESPONSE].bool_param is True
+    assert msg.infer_response.parameters["error_code"].string_param == "INVALID_ARGUMENT"
+
+
+# --- error codes -----------------------------------------------------------------------------------------
+
+
+def _all_error_classes(cls=E.AutoGLMError):
+    yield cls
+    for sub in cls.__subclasses__():
+        yield from _all_error_classes(sub)
+
+
+def test_every_error_class_maps_to_its_declared_status_code() -> None:
+    for cls in _all_error_classes():
+        code = status_code(cls.__new__(cls))
+        assert code.name == cls.grpc_code, (
+            f"{cls.__name__}.grpc_code {cls.grpc_code!r} is not a grpc.StatusCode"
+        )
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (E.InvalidRequestError("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (E.ContextLengthExceededError("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (E.ModelNotFoundError("x"), grpc.StatusCode.NOT_FOUND),
+        (E.AuthenticationError("x"), grpc.StatusCode.UNAUTHENTICATED),
+        (E.PermissionDeniedError("x"), grpc.StatusCode.PERMISSION_DENIED),
+        (E.RateLimitError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (E.ServiceUnavailableError("x"), grpc.StatusCode.UNAVAILABLE),
+        (E.EngineError("x"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_status_codes(exc: E.AutoGLMError, code: grpc.StatusCode) -> None:
+    assert status_code(exc) is code
+
+
+def test_retry_after_travels_as_trailing_metadata() -> None:
+    assert trailing_metadata(E.ServiceUnavailableError("draining", retry_after=2.4)) == (
+        ("retry-after", "2"),
+    )
+    assert trailing_metadata(E.InvalidRequestError("x")) == ()
+
+
+def test_a_misspelt_grpc_code_is_internal() -> None:
+    class Odd(E.AutoGLMError):
+        grpc_code = "NO_SUCH_CODE"
+
+    assert status_code(Odd("x")) is grpc.StatusCode.INTERNAL
