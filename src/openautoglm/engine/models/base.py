@@ -8,6 +8,8 @@
 - ``load_weights(weights: Iterable[tuple[str, Tensor]]) -> set[str]``: take checkpoint tensors by their Hugging
   Face names (fusing q/k/v and gate/up as they arrive) and return the checkpoint names consumed; the loader turns
   what is missing or unexpected into errors.
+- ``expected_weight_names() -> set[str]``: the checkpoint names the model needs (unfused, as Hugging Face
+  stores them), so the loader can name what is missing.
 """
 
 from __future__ import annotations
@@ -95,3 +97,5 @@ class CausalLM(Protocol):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor: ...
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]: ...
+
+    def expected_weight_names(self) -> set[str]: ...

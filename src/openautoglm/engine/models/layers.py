@@ -1,0 +1,99 @@
+"""Blocks shared by the GLM-family models: RMSNorm, partial interleaved rotary, SiLU-and-mul, attention.
+
+Every block works on one flattened ragged batch ``[num_tokens, ...]``; none loops over tokens in Python.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openautoglm.engine.attention.base import ForwardContext
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, cast back, then scaled (the order transformers uses)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size))
+        self.eps = eps
+        self.shape = (hidden_size,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op; same result as the cast-then-scale path below
+            return F.rms_norm(x, self.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.shape, None, self.eps).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Cos/sin of rotary position embedding for the first ``rotary_dim`` dims of each head.
+
+    The table is built lazily on the device and dtype of the first call, so building the model on the meta
+    device costs nothing; the model looks it up once per step and every layer shares the result.
+    """
+
+    def __init__(self, rotary_dim: int, max_position: int, base: float) -> None:
+        super().__init__()
+        # Same arithmetic as transformers, so float32 results match bit for bit; on the CPU explicitly, since
+        # the model may be built under a meta-device context.
+        exponent = torch.arange(0, rotary_dim, 2, dtype=torch.float, device="cpu") / rotary_dim
+        self.inv_freq_cpu = 1.0 / (base**exponent)
+        self.rotary_dim = 2 * self.inv_freq_cpu.numel()
+        self.max_position = max_position
+        self._table: torch.Tensor | None = None  # [max_position, 2, rotary_dim / 2]: cos, sin
+
+    def _build(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        pos = torch.arange(self.max_position, dtype=torch.float, device="cpu")
+        freqs = pos[:, None] * self.inv_freq_cpu[None, :]
+        return torch.stack((freqs.cos(), freqs.sin()), dim=1).to(device=device, dtype=dtype)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cos and sin ``[num_tokens, 1, rotary_dim / 2]`` for ``positions``, broadcastable over heads."""
+        table = self._table
+        if table is None or table.device != positions.device or table.dtype != dtype:
+            table = self._table = self._build(positions.device, dtype)
+        cs = table[positions]
+        return cs[:, :1], cs[:, 1:]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) in the first ``2 * cos.shape[-1]`` dims of ``x [T, heads, D]``.
+
+    GLM rotates pairs GPT-J style, not NeoX halves, and only part of each head; the other dims pass through.
+    Returns a new tensor.
+    """
+    rot = 2 * cos.shape[-1]
+    pairs = x[..., :rot].unflatten(-1, (-1, 2))
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    if rot == x.shape[-1]:
+        return rotated
+    return torch.cat((rotated, x[..., rot:]), dim=-1)
+
+
+class SiluAndMul(nn.Module):
+    """``silu(gate) * up`` for a fused ``[gate | up]`` projection (the gate is the first half)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        return F.silu(x[..., :d]) * x[..., d:]
+
+
+class Attention(nn.Module):
+    """Hands q/k/v of one layer to the step's attention backend with that layer's KV cache."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, layer_idx: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.layer_idx = layer_idx
+        self.scale = head_dim**-0.5
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
+        out = ctx.backend.forward(q, k, v, ctx.kv_caches[self.layer_idx], ctx.metadata, self.scale)
+        return out.reshape(out.shape[0], self.num_heads * self.head_dim)
