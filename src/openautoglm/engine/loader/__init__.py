@@ -58,9 +58,12 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Lo
         raise ModelLoadError(f"dtype {dtype} is not supported; use one of float32, bfloat16, float16")
     path = resolve_checkpoint(cfg)
     arch = read_arch_config(path)
-    model_cls = get_model_class(arch.architecture)
-    with torch.device("meta"):
-        module = model_cls(arch)  # no memory: parameters are placeholders until to_empty
+    try:
+        model_cls = get_model_class(arch.architecture)
+        with torch.device("meta"):
+            module = model_cls(arch)  # no memory: parameters are placeholders until to_empty
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{path / 'config.json'}: {exc.message}") from exc
     module = module.to(dtype=dtype).to_empty(device=device)
     module.requires_grad_(False).eval()
     model = cast(CausalLM, module)

@@ -23,7 +23,8 @@ def resolve_checkpoint(cfg: ModelConfig) -> Path:
     if model == DEMO_MODEL:
         from openautoglm.engine.loader.demo import ensure_demo_model
 
-        return ensure_demo_model()
+        # download_dir, when set, holds the demo model too; otherwise the demo module's default cache does.
+        return ensure_demo_model(Path(cfg.download_dir) if cfg.download_dir else None)
     path = Path(model).expanduser()
     if path.is_dir():
         return path.resolve()

@@ -132,6 +132,8 @@ def load_safetensors_weights(model: CausalLM, path: Path) -> None:
     try:
         consumed = model.load_weights(_with_progress(ckpt))
     except ModelLoadError as exc:
+        if exc.message.startswith(str(ckpt.current_file)):
+            raise  # the reader's own error, which names the file already
         raise ModelLoadError(f"{ckpt.current_file}: {exc.message}") from exc
     unexpected = sorted(set(ckpt.names) - consumed)
     if unexpected:

@@ -26,21 +26,19 @@ _QKV_PARTS = ("q_proj", "k_proj", "v_proj")
 def check_supported(config: ModelArchConfig) -> None:
     """Refuse configurations this implementation would silently get wrong."""
     if config.hidden_act != "silu":
-        raise ModelLoadError(
-            f"config.json: hidden_act {config.hidden_act!r} is not supported; GLM uses 'silu'"
-        )
+        raise ModelLoadError(f"hidden_act {config.hidden_act!r} is not supported; GLM uses 'silu'")
     rope = config.raw.get("rope_parameters") or config.raw.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in (None, "default"):
-        raise ModelLoadError(f"config.json: rope_type {rope_type!r} is not supported; only 'default' is")
+        raise ModelLoadError(f"rope_type {rope_type!r} is not supported; only 'default' is")
     if config.num_attention_heads % config.num_key_value_heads:
         raise ModelLoadError(
-            f"config.json: num_attention_heads ({config.num_attention_heads}) must be a multiple of "
+            f"num_attention_heads ({config.num_attention_heads}) must be a multiple of "
             f"num_key_value_heads ({config.num_key_value_heads})"
         )
     if not 0 < config.rotary_dim <= config.head_dim or config.rotary_dim % 2:
         raise ModelLoadError(
-            f"config.json: head_dim * partial_rotary_factor = {config.rotary_dim} must be even and within "
+            f"head_dim * partial_rotary_factor = {config.rotary_dim} must be even and within "
             f"(0, head_dim={config.head_dim}]"
         )
 

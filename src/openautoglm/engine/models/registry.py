@@ -24,7 +24,6 @@ def get_model_class(architecture: str) -> type[nn.Module]:
         return _MODELS[architecture]
     except KeyError:
         raise ModelLoadError(
-            f"model architecture {architecture!r} (config.json 'architectures') is not supported by "
-            "Open-AutoGLM; "
+            f"model architecture {architecture!r} is not supported by Open-AutoGLM; "
             f"supported: {', '.join(supported_architectures())}"
         ) from None
