@@ -6,17 +6,25 @@ decoder must read what we write and write what we read.
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import time
+
 import grpc
 import numpy as np
 import pytest
 from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
 from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.grpc._utils import _get_inference_request  # what tritonclient puts on the wire
-from tritonclient.utils import serialize_byte_tensor
+from tritonclient.grpc.aio import InferenceServerClient
+from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
+import openautoglm
 from openautoglm.protocol import errors as E
 from openautoglm.protocol.outputs import FinishReason, Usage
-from openautoglm.server.grpc import SERVICE_NAME
+from openautoglm.protocol.request import GenerationRequest
+from openautoglm.protocol.sampling import SamplingParams
+from openautoglm.server.grpc import SERVICE_NAME, start_grpc_server
 from openautoglm.server.grpc.convert import (
     FINAL_RESPONSE,
     TEXT_OUTPUT,
@@ -296,3 +304,216 @@ def test_a_misspelt_grpc_code_is_internal() -> None:
         grpc_code = "NO_SUCH_CODE"
 
     assert status_code(Odd("x")) is grpc.StatusCode.INTERNAL
+
+
+# --- the service over a real AsyncEngine, through tritonclient's asyncio client ---------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def engine(demo_dir, make_engine_config):
+    from openautoglm.engine.async_engine import AsyncEngine
+
+    eng = AsyncEngine.from_config(make_engine_config(demo_dir, cache={"num_blocks": 128}))
+    yield eng
+    asyncio.run(eng.shutdown())
+
+
+@pytest.fixture
+async def served(engine):
+    """(client, model name) of a gRPC service started in this test's event loop."""
+    port = _free_port()
+    server = await start_grpc_server(engine, "127.0.0.1", port)
+    client = InferenceServerClient(f"127.0.0.1:{port}")
+    yield client, engine.model_name
+    await client.close()
+    await server.stop(None)
+
+
+def _text_input(prompt: str) -> list[InferInput]:
+    tensor = InferInput("text_input", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
+    return [tensor]
+
+
+def _text(result: InferResult) -> str:
+    return result.as_numpy(TEXT_OUTPUT)[0].decode()
+
+
+async def _until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+async def test_health_and_metadata(served) -> None:
+    client, model = served
+    assert await client.is_server_live() and await client.is_server_ready()
+    assert await client.is_model_ready(model)
+    assert not await client.is_model_ready("no-such-model")
+    meta = await client.get_server_metadata()
+    assert meta.name == "openautoglm" and meta.version == openautoglm.__version__
+    model_meta = await client.get_model_metadata(model)
+    assert model_meta.versions == ["1"]
+    assert [(t.name, t.datatype) for t in model_meta.inputs] == [("text_input", "BYTES")]
+    assert [(t.name, t.datatype) for t in model_meta.outputs] == [("text_output", "BYTES")]
+    with pytest.raises(InferenceServerException) as info:
+        await client.get_model_metadata("no-such-model")
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+
+
+async def test_model_infer_passes_sampling_settings_to_the_engine(served, engine) -> None:
+    client, model = served
+    prompt, params = "Open-AutoGLM serves", {"max_tokens": 10, "temperature": "0.8", "top_k": 20, "seed": 7}
+    result = await client.infer(model, _text_input(prompt), parameters=params)
+    # The oracle: the engine itself, asked directly with the same settings.
+    request = GenerationRequest(
+        request_id="oracle",
+        prompt=prompt,
+        sampling=SamplingParams(max_tokens=10, temperature=0.8, top_k=20, seed=7),
+    )
+    expected = "".join([o.text_delta async for c in engine.generate(request) for o in c.outputs])
+    assert _text(result) == expected and expected
+    response = result.get_response()
+    assert response.parameters["completion_tokens"].int64_param == 10
+    assert response.parameters["finish_reason"].string_param == "length"
+
+
+async def test_stream_deltas_concatenate_to_the_greedy_text(served) -> None:
+    client, model = served
+    params = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    whole = _text(await client.infer(model, _text_input("Hello"), parameters=params))
+
+    async def requests():
+        yield {"model_name": model, "inputs": _text_input("Hello"), "parameters": params, "request_id": "s1"}
+
+    responses = [(r, e) async for r, e in client.stream_infer(requests())]
+    assert all(e is None for _, e in responses)
+    results = [r for r, _ in responses]
+    assert len(results) == 12  # one response per token
+    assert "".join(_text(r) for r in results) == whole
+    finals = [r.get_response().parameters[FINAL_RESPONSE].bool_param for r in results]
+    assert finals == [False] * 11 + [True]
+    assert {r.get_response().id for r in results} == {"s1"}
+    assert results[-1].get_response().parameters["completion_tokens"].int64_param == 12
+
+
+async def test_one_stream_serves_concurrent_requests_and_reports_errors_in_band(served) -> None:
+    client, model = served
+    params = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    expected = {p: _text(await client.infer(model, _text_input(p), parameters=params)) for p in ("Hi", "GLM")}
+
+    async def requests():
+        yield {"model_name": model, "inputs": _text_input("Hi"), "parameters": params, "request_id": "Hi"}
+        yield {
+            "model_name": model,
+            "inputs": _text_input("x"),
+            "parameters": {"top_p": 5},
+            "request_id": "bad",
+        }
+        yield {"model_name": model, "inputs": _text_input("GLM"), "parameters": params, "request_id": "GLM"}
+
+    texts: dict[str, str] = {"Hi": "", "GLM": ""}
+    errors = []
+    async for result, error in client.stream_infer(requests()):
+        if error is not None:
+            errors.append(str(error))
+        else:
+            texts[result.get_response().id] += _text(result)
+    assert texts == expected
+    assert len(errors) == 1 and "[INVALID_ARGUMENT]" in errors[0] and "top_p" in errors[0]
+
+
+@pytest.mark.parametrize(
+    ("model", "parameters", "status"),
+    [
+        (None, {"temperature": -1}, "StatusCode.INVALID_ARGUMENT"),
+        (None, {"max_tokens": "many"}, "StatusCode.INVALID_ARGUMENT"),
+        ("no-such-model", {}, "StatusCode.NOT_FOUND"),
+    ],
+)
+async def test_errors_are_status_codes(served, model, parameters, status) -> None:
+    client, served_model = served
+    with pytest.raises(InferenceServerException) as info:
+        await client.infer(model or served_model, _text_input("Hello"), parameters=parameters)
+    assert info.value.status() == status
+
+
+async def test_context_overflow_is_invalid_argument(served, engine) -> None:
+    client, model = served
+    with pytest.raises(InferenceServerException) as info:
+        await client.infer(model, _text_input("Hello"), parameters={"max_tokens": engine.max_model_len + 1})
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+async def test_cancelled_stream_aborts_at_once_and_frees_kv_blocks(served, engine) -> None:
+    client, model = served
+    assert await _until(lambda: engine.stats().num_running == 0)
+    initial = engine.stats().num_free_blocks
+    max_tokens = 1500
+    hold = asyncio.Event()
+
+    async def requests():
+        params = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        yield {"model_name": model, "inputs": _text_input("Hello"), "parameters": params}
+        await hold.wait()  # keep our side of the stream open
+
+    stream = client.stream_infer(requests())
+    seen = 0
+    async for _result, error in stream:
+        assert error is None, str(error)
+        seen += 1
+        if seen == 3:
+            break
+    assert engine.stats().num_free_blocks < initial  # the request holds blocks while it runs
+    generated_before = engine.stats().generation_tokens_total
+    stream.cancel()
+    hold.set()
+    assert await _until(lambda: engine.stats().num_free_blocks == initial), "KV blocks were not freed"
+    assert engine.stats().num_running == 0
+    assert engine.stats().generation_tokens_total - generated_before < max_tokens - seen  # stopped early
+
+
+async def test_model_infer_deadline_aborts_and_frees_kv_blocks(served, engine) -> None:
+    client, model = served
+    assert await _until(lambda: engine.stats().num_running == 0)
+    initial = engine.stats().num_free_blocks
+    params = {"max_tokens": 1500, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(InferenceServerException) as info:
+        await client.infer(model, _text_input("Hello"), parameters=params, client_timeout=0.3)
+    assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    assert await _until(lambda: engine.stats().num_free_blocks == initial), "KV blocks were not freed"
+
+
+async def test_not_ready_means_unavailable(engine) -> None:
+    ready = True
+    port = _free_port()
+    server = await start_grpc_server(engine, "127.0.0.1", port, is_ready=lambda: ready)
+    async with InferenceServerClient(f"127.0.0.1:{port}") as client:
+        assert await client.is_server_ready()
+        ready = False
+        assert not await client.is_server_ready()
+        assert not await client.is_model_ready(engine.model_name)
+        assert await client.is_server_live()
+        with pytest.raises(InferenceServerException) as info:
+            await client.infer(engine.model_name, _text_input("Hello"))
+        assert info.value.status() == "StatusCode.UNAVAILABLE"
+    await server.stop(None)
+
+
+async def test_a_taken_port_is_a_config_error(engine) -> None:
+    port = _free_port()
+    server = await start_grpc_server(engine, "127.0.0.1", port)
+    try:
+        with pytest.raises(E.ConfigError, match=str(port)):
+            await start_grpc_server(engine, "127.0.0.1", port)
+    finally:
+        await server.stop(None)

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
-from openautoglm.protocol.errors import AutoGLMError, RateLimitError, ServiceUnavailableError
+from openautoglm.protocol.errors import AutoGLMError, InternalError, RateLimitError, ServiceUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+def as_autoglm_error(exc: Exception) -> AutoGLMError:
+    """The error itself when it is an AutoGLMError; any other exception is a bug: logged, then INTERNAL."""
+    if isinstance(exc, AutoGLMError):
+        return exc
+    log.error("Open-AutoGLM gRPC: unexpected %s", type(exc).__name__, exc_info=exc)
+    return InternalError(f"internal error ({type(exc).__name__}); the server log has the details")
 
 
 def status_code(exc: AutoGLMError) -> grpc.StatusCode:

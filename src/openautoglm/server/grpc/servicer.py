@@ -15,6 +15,7 @@ import openautoglm
 from openautoglm.protocol.errors import AutoGLMError, ConfigError, EngineError, ServiceUnavailableError
 from openautoglm.protocol.outputs import FinishReason, RequestOutput, Usage
 from openautoglm.server.grpc.convert import (
+    FINAL_RESPONSE,
     MODEL_VERSION,
     TEXT_INPUT,
     TEXT_OUTPUT,
@@ -24,7 +25,7 @@ from openautoglm.server.grpc.convert import (
     parse_infer_request,
     stream_error,
 )
-from openautoglm.server.grpc.errors import abort
+from openautoglm.server.grpc.errors import abort, as_autoglm_error
 from openautoglm.server.grpc.proto import grpc_predict_v2_pb2 as pb
 from openautoglm.server.grpc.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -128,8 +129,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             call = self._parse(request)
             return await self._infer_whole(call)
-        except AutoGLMError as exc:
-            await abort(context, exc)
+        except Exception as exc:  # every failure becomes a status; bugs are logged as INTERNAL
+            await abort(context, as_autoglm_error(exc))
             raise  # unreachable: abort raises
 
     async def _infer_whole(self, call: InferCall) -> pb.ModelInferResponse:
@@ -158,7 +159,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """One response per engine chunk (a token delta), the last flagged final."""
         if not call.stream:
             response = await self._infer_whole(call)
-            response.parameters["triton_final_response"].bool_param = True
+            response.parameters[FINAL_RESPONSE].bool_param = True
             yield response
             return
         echo = call.echo
@@ -185,8 +186,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             async with aclosing(self._infer_stream(call)) as responses:
                 async for response in responses:
                     out.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
-        except AutoGLMError as exc:
-            out.put_nowait(stream_error(model_name=request.model_name, client_id=request.id, exc=exc))
+        except Exception as exc:  # noqa: BLE001 — reported in the stream; bugs are logged as INTERNAL
+            error = as_autoglm_error(exc)
+            out.put_nowait(stream_error(model_name=request.model_name, client_id=request.id, exc=error))
         finally:
             out.put_nowait(_FINISHED)
 
