@@ -8,25 +8,17 @@ when any input carries ``metadata.role``. Errors are raised as ``AutoGLMError`` 
 
 from __future__ import annotations
 
-import time
+import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
-from fastapi import APIRouter, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response, StreamingResponse
 
 from openautoglm.config.media import MediaConfig
-from openautoglm.protocol.errors import (
-    AutoGLMError,
-    EngineError,
-    InvalidRequestError,
-    ModelNotFoundError,
-)
+from openautoglm.protocol.errors import AutoGLMError, InternalError, InvalidRequestError
 from openautoglm.protocol.multimodal import (
     InferOutput,
     InferRequest,
@@ -34,7 +26,8 @@ from openautoglm.protocol.multimodal import (
     InferStreamChunk,
     InferUsage,
 )
-from openautoglm.protocol.outputs import CompletedRequest, FinishReason, RequestOutput, Usage
+from openautoglm.protocol.openai import ErrorResponse
+from openautoglm.protocol.outputs import CompletionOutput, RequestOutput
 from openautoglm.protocol.request import ChatMessage, GenerationRequest
 from openautoglm.protocol.sampling import SamplingParams
 from openautoglm.server.http.media import (
@@ -43,36 +36,16 @@ from openautoglm.server.http.media import (
     check_modalities,
     validate_media_input,
 )
+from openautoglm.server.http.metrics import RequestTimer
+from openautoglm.server.http.middleware import RequestInfo
+from openautoglm.server.http.openai import resolve_model
+from openautoglm.server.http.openai_output import OutputBase
+from openautoglm.server.http.responses import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE, OrjsonResponse, sse_event
+from openautoglm.server.http.streams import ClientDisconnected, EngineCall, run_unless_disconnected
 
-_Handler = Callable[[Request], Coroutine[Any, Any, Response]]
-
-
-class _EnvelopeRoute(APIRoute):
-    """Schema errors of the envelope become ``InvalidRequestError`` (400), never FastAPI's 422."""
-
-    def get_route_handler(self) -> _Handler:
-        handler = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestValidationError as exc:
-                raise _invalid_envelope(exc) from exc
-
-        return handle
-
-
-def _invalid_envelope(exc: RequestValidationError) -> InvalidRequestError:
-    err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request body"}
-    loc = [p for p in err.get("loc", ()) if p != "body"]
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
-    where = f"{param}: " if param else ""
-    return InvalidRequestError(
-        f"invalid /v1/infer envelope: {where}{err.get('msg', 'invalid value')}", param=param
-    )
-
-
-router = APIRouter(route_class=_EnvelopeRoute)
+logger = logging.getLogger("openautoglm.server")
+router = APIRouter(tags=["Native"])
+_STREAM_DOC = "The result; with stream=true, InferStreamChunk events ending with data: [DONE]"
 
 
 @router.post(
@@ -80,51 +53,42 @@ router = APIRouter(route_class=_EnvelopeRoute)
     response_model=InferResponse,
     summary="Run the native multimodal envelope",
     responses={
-        200: {
-            "content": {"text/event-stream": {}},
-            "description": "With stream=true: InferStreamChunk events",
+        200: {"content": {SSE_MEDIA_TYPE: {"schema": {"type": "string"}}}, "description": _STREAM_DOC},
+        **{
+            status: {"model": ErrorResponse, "description": text}
+            for status, text in (
+                (400, "Malformed envelope, parameters or base64 (never 422)"),
+                (404, "Model not served here"),
+                (413, "Body or media over the configured byte or pixel limit"),
+                (415, "Unknown or refused modality, or a format that does not match the bytes"),
+                ("4XX", "Other client errors, in the same error shape"),
+                (503, "Draining or engine unavailable; see Retry-After"),
+            )
         },
-        400: {"description": "Malformed envelope, parameters or base64"},
-        404: {"description": "Model not served here"},
-        413: {"description": "Media over the configured byte or pixel limit"},
-        415: {"description": "Unknown or not accepted modality, or a format that does not match the bytes"},
     },
 )
-async def infer(envelope: InferRequest, request: Request) -> Any:
-    engine = request.app.state.engine
-    if envelope.model is not None and envelope.model != engine.model_name:
-        raise ModelNotFoundError(
-            f"model {envelope.model!r} is not served here; this server runs {engine.model_name!r}"
-        )
+async def infer(envelope: InferRequest, request: Request) -> Response:
+    # The body is parsed by FastAPI (so the schema is in the OpenAPI document); the app's error handlers turn
+    # its validation errors into 400s.
+    app_state = request.app.state
+    engine = app_state.engine
+    model = resolve_model(engine, envelope.model)
+    info: RequestInfo = request.state.info
+    info.model = model
+    if app_state.settings.server.log_prompts:
+        info.prompt = "\n".join(item.data for item in envelope.inputs if item.modality == "text")
     for i, item in enumerate(envelope.inputs):
         check_known_modalities([item.modality], param=f"inputs[{i}].modality")
     media: dict[int, ValidatedMedia] = {}
-    if any(item.modality != "text" for item in envelope.inputs):
-        media = await run_in_threadpool(validate_envelope_media, envelope, media_config(request.app.state))
+    if any(item.modality != "text" for item in envelope.inputs):  # decoding images is CPU work
+        media = await run_in_threadpool(validate_envelope_media, envelope, app_state.settings.server.media)
     check_modalities({item.modality for item in envelope.inputs}, engine.modalities)
-    gen = build_generation_request(
-        envelope, media, request_id=f"infer-{uuid.uuid4().hex}", model=engine.model_name
-    )
-    http_id = getattr(request.state, "request_id", None)
-    if http_id:
-        gen.metadata["http_request_id"] = http_id
-
-    stream = engine.generate(gen)
-    try:
-        first = await stream.__anext__()  # validation errors surface here, before anything is scheduled
-    except BaseException:
-        await stream.aclose()
-        raise
-    head = _Head(gen.request_id, engine.model_name)
-    if envelope.stream:
-        return StreamingResponse(_sse(stream, first, head), media_type="text/event-stream")
-    return await _collect(stream, first, head)
+    gen = build_generation_request(envelope, media, request_id=f"infer-{uuid.uuid4().hex}", model=model)
+    gen.metadata["http_request_id"] = info.request_id
+    return await _serve(request, gen, InferOutputs(gen.request_id, model, gen.sampling.n), envelope.stream)
 
 
-def media_config(state: Any) -> MediaConfig:
-    """``settings.server.media`` when the app carries settings, else the defaults."""
-    media = getattr(getattr(getattr(state, "settings", None), "server", None), "media", None)
-    return media if isinstance(media, MediaConfig) else MediaConfig()
+# --- the envelope → a GenerationRequest ---------------------------------------------------------------------
 
 
 def validate_envelope_media(envelope: InferRequest, cfg: MediaConfig) -> dict[int, ValidatedMedia]:
@@ -179,74 +143,123 @@ def _media_part(item: ValidatedMedia) -> dict[str, Any]:
     }
 
 
-class _Head:
-    """What every response and chunk of one request repeats."""
-
-    def __init__(self, request_id: str, model: str) -> None:
-        self.id, self.model, self.created = request_id, model, int(time.time())
+# --- the engine's chunks → the response ---------------------------------------------------------------------
 
 
-async def _collect(stream: AsyncIterator[RequestOutput], first: RequestOutput, head: _Head) -> InferResponse:
-    done = CompletedRequest(request_id=head.id)
-    try:
-        done.add(first)
-        while not done.finished:
-            done.add(await stream.__anext__())
-    finally:
-        await stream.aclose()  # a no-op when finished; aborts the request if this task was cancelled
-    if done.error is not None:
-        raise EngineError(f"the request failed inside the engine: {done.error}")
-    outputs = [
-        InferOutput(
-            index=s.index,
-            text=s.text,
-            finish_reason=s.finish_reason.value if s.finish_reason else None,
-            stop_reason=s.stop_reason,
+class InferOutputs(OutputBase):
+    """Engine chunks of one envelope request → an ``InferResponse``, or ``InferStreamChunk`` events."""
+
+    def __init__(self, response_id: str, model: str, n: int) -> None:
+        super().__init__(response_id, model)
+        self._texts: list[list[str]] = [[] for _ in range(n)]
+        self._finish: list[CompletionOutput | None] = [None] * n
+
+    def add(self, _k: int, out: RequestOutput) -> None:
+        self.account(out)  # raises EngineError when the request failed inside the engine
+        for o in out.outputs:
+            self._texts[o.index].append(o.text_delta)
+            if o.finish_reason is not None:
+                self._finish[o.index] = o
+
+    def response(self) -> dict[str, Any]:
+        outputs = [_output(i, "".join(texts), self._finish[i]) for i, texts in enumerate(self._texts)]
+        usage = InferUsage.from_usage(self.usage)
+        body = InferResponse(
+            id=self.response_id, created=self.created, model=self.model, outputs=outputs, usage=usage
         )
-        for s in done.sequences
-    ]
-    usage = InferUsage.from_usage(done.usage or Usage())  # the engine's last chunk always carries usage
-    return InferResponse(id=head.id, created=head.created, model=head.model, outputs=outputs, usage=usage)
+        return body.model_dump()
+
+    def start_events(self) -> list[bytes]:
+        return []
+
+    def chunk_events(self, _k: int, out: RequestOutput) -> list[bytes]:
+        self.account(out)
+        outputs = [_output(o.index, o.text_delta, o) for o in out.outputs if o.text_delta or o.finish_reason]
+        if not outputs and not out.finished:
+            return []
+        usage = InferUsage.from_usage(self.usage) if out.finished else None
+        chunk = InferStreamChunk(
+            id=self.response_id, created=self.created, model=self.model, outputs=outputs, usage=usage
+        )
+        return [sse_event(chunk.model_dump(exclude_none=True))]
+
+    def end_events(self) -> list[bytes]:
+        return [SSE_DONE]
+
+
+def _output(index: int, text: str, done: CompletionOutput | None) -> InferOutput:
+    finish = done.finish_reason.value if done is not None and done.finish_reason is not None else None
+    return InferOutput(
+        index=index, text=text, finish_reason=finish, stop_reason=done.stop_reason if finish else None
+    )
+
+
+# --- serving: the engine call, cleanup on every path, metrics and the access log ----------------------------
+
+
+async def _serve(request: Request, gen: GenerationRequest, output: InferOutputs, stream: bool) -> Response:
+    app_state = request.app.state
+    info: RequestInfo = request.state.info
+    timer = app_state.metrics.timer(output.model)
+    call = EngineCall(app_state.engine, app_state.server_state)
+    await call.start([gen])  # bad input fails here, as a 4xx, before any byte of the response is sent
+    if stream:
+        return StreamingResponse(
+            _sse(call, output, timer, info), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS
+        )
+    try:
+        await run_unless_disconnected(request.receive, _collect(call, output, timer))
+    except ClientDisconnected:
+        info.outcome = "client_disconnected"
+        timer.aborted("client_disconnected")
+        return Response(status_code=499)  # nginx's "client closed request": never seen, but logged
+    finally:
+        await call.aclose()
+        info.usage = output.usage
+    _finished(output, timer, info)
+    return OrjsonResponse(output.response())
+
+
+async def _collect(call: EngineCall, output: InferOutputs, timer: RequestTimer) -> None:
+    async for k, chunk in call.chunks():
+        timer.saw_tokens(sum(len(o.token_ids_delta) for o in chunk.outputs))
+        output.add(k, chunk)
 
 
 async def _sse(
-    stream: AsyncIterator[RequestOutput], first: RequestOutput, head: _Head
+    call: EngineCall, output: InferOutputs, timer: RequestTimer, info: RequestInfo
 ) -> AsyncIterator[bytes]:
-    """One event per engine chunk, then ``data: [DONE]``. Closing early (client gone) aborts the request."""
-    chunk = first
+    """Headers are sent by now, so a failure travels as an ``{"error": …}`` event before ``[DONE]``."""
+    done = False
     try:
-        while True:
-            yield _event(_stream_chunk(chunk, head).model_dump_json(exclude_none=True))
-            if chunk.finished:
-                if chunk.error is not None:
-                    error = EngineError(f"the request failed inside the engine: {chunk.error}")
-                    yield _event(_json(error.to_openai()))
-                break
-            chunk = await stream.__anext__()
-    except AutoGLMError as exc:  # headers are sent: the error travels as an event
-        yield _event(_json(exc.to_openai()))
+        async for k, chunk in call.chunks():
+            timer.saw_tokens(sum(len(o.token_ids_delta) for o in chunk.outputs))
+            for event in output.chunk_events(k, chunk):
+                yield event
+        for event in output.end_events():
+            yield event
+        done = True
+    except AutoGLMError as exc:
+        info.outcome = "error"
+        yield sse_event(exc.to_openai())
+        yield SSE_DONE
+    except Exception:
+        logger.exception("stream of request %s failed", info.request_id)
+        info.outcome = "error"
+        yield sse_event(InternalError("internal server error; the server log has the details").to_openai())
+        yield SSE_DONE
     finally:
-        await stream.aclose()
-    yield b"data: [DONE]\n\n"
+        await call.aclose()
+        info.usage = output.usage
+        if done:
+            _finished(output, timer, info)
+        elif info.outcome is None:
+            info.outcome = "client_disconnected"
+            timer.aborted("client_disconnected")
 
 
-def _stream_chunk(chunk: RequestOutput, head: _Head) -> InferStreamChunk:
-    outputs = [
-        InferOutput(
-            index=o.index,
-            text=o.text_delta,
-            finish_reason=o.finish_reason.value if isinstance(o.finish_reason, FinishReason) else None,
-            stop_reason=o.stop_reason,
-        )
-        for o in chunk.outputs
-    ]
-    usage = InferUsage.from_usage(chunk.usage) if chunk.usage is not None else None
-    return InferStreamChunk(id=head.id, created=head.created, model=head.model, outputs=outputs, usage=usage)
-
-
-def _event(payload: str) -> bytes:
-    return f"data: {payload}\n\n".encode()
-
-
-def _json(obj: dict[str, Any]) -> str:
-    return orjson.dumps(obj).decode()
+def _finished(output: InferOutputs, timer: RequestTimer, info: RequestInfo) -> None:
+    timer.finish(output.usage)
+    if output.aborted:
+        info.outcome = "aborted"
+        timer.aborted("aborted")
