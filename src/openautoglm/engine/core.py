@@ -96,7 +96,11 @@ class EngineCore:
         self.runner = ModelRunner(loaded.model, self.arch, backend, num_blocks, block_size, self.device, self.dtype)
         self.sampler = Sampler(self.arch.vocab_size)
         self.input_processor = InputProcessor(
-            self.tokenizer, config.scheduler, self.max_model_len, self.arch.vocab_size, num_blocks * block_size
+            self.tokenizer,
+            config.scheduler,
+            self.max_model_len,
+            self.arch.vocab_size,
+            self.kv_cache.num_usable_blocks * block_size,
         )
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.arch.eos_token_ids)
         self._groups: dict[str, _Group] = {}
