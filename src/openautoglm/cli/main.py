@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from openautoglm.cli import bench, generate
+from openautoglm.cli import bench, generate, serve
 
 app = typer.Typer(
     name="autoglm",
@@ -15,6 +15,7 @@ app = typer.Typer(
 )
 generate.register(app)
 bench.register(app)
+serve.register(app)
 
 if __name__ == "__main__":
     app()

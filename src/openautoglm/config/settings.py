@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from openautoglm.config.server import ServerConfig
 from openautoglm.protocol.errors import ConfigError
 
 DEMO_MODEL = "demo"
@@ -77,6 +78,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AUTOGLM_", env_nested_delimiter="__", extra="forbid")
 
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
 
     @classmethod
     def settings_customise_sources(

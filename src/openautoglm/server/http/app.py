@@ -1,0 +1,97 @@
+"""The app factory: ``create_app(settings, engine)`` wires routers, error handlers, middleware and metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from starlette.middleware.cors import CORSMiddleware
+
+import openautoglm
+from openautoglm.config.settings import Settings
+from openautoglm.protocol.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from openautoglm.server.http import health, metrics, openai
+from openautoglm.server.http.errors import install_error_handlers
+from openautoglm.server.http.infer import router as infer_router
+from openautoglm.server.http.metrics import ServerMetrics
+from openautoglm.server.http.middleware import (
+    GzipResponseMiddleware,
+    RequestBodyMiddleware,
+    RequestContextMiddleware,
+)
+from openautoglm.server.http.responses import OrjsonResponse
+from openautoglm.server.http.state import ServerState
+
+# Bodies the routes parse themselves (see parsing.py): their schemas are added to the OpenAPI document here.
+_BODY_MODELS: tuple[type[BaseModel], ...] = (
+    ChatCompletionRequest,
+    CompletionRequest,
+    TokenizeRequest,
+    DetokenizeRequest,
+)
+
+
+def create_app(settings: Settings, engine: Any) -> FastAPI:
+    """An app serving ``engine`` (an AsyncEngine, already loaded). ``app.state`` holds settings, engine,
+    server_state (drain, in-flight) and metrics for the routers and for serve.py."""
+    cfg = settings.server
+    state = ServerState()
+    app = FastAPI(
+        title="Open-AutoGLM",
+        version=getattr(openautoglm, "__version__", "0"),
+        description="OpenAI-compatible and native APIs serving GLM-family models.",
+        default_response_class=OrjsonResponse,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.server_state = state
+    app.state.metrics = ServerMetrics(engine.stats, engine.model_name, state)
+    app.state.started_at = int(time.time())
+    install_error_handlers(app)
+    for router in (health.router, metrics.router, openai.router, infer_router):
+        app.include_router(router)
+    # add_middleware wraps from the inside out: the last one added runs first.
+    app.add_middleware(
+        RequestBodyMiddleware,
+        max_body_bytes=cfg.max_body_bytes,
+        max_decompressed_bytes=cfg.max_decompressed_bytes,
+    )
+    app.add_middleware(GzipResponseMiddleware, min_bytes=cfg.gzip_min_bytes)
+    if cfg.cors.allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cfg.cors.allow_origins,
+            allow_credentials=cfg.cors.allow_credentials,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=[cfg.request_id_header, "Retry-After"],
+        )
+    app.add_middleware(RequestContextMiddleware, config=cfg, state=state, metrics=app.state.metrics)
+    _install_openapi(app)
+    return app
+
+
+def _install_openapi(app: FastAPI) -> None:
+    def build() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in _BODY_MODELS:
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(js.pop("$defs", {}))
+                components[model.__name__] = js
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = build  # type: ignore[method-assign]

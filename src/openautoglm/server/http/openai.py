@@ -1,0 +1,308 @@
+"""The OpenAI-compatible routes: chat completions, completions, models, tokenize and detokenize."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response, StreamingResponse
+
+from openautoglm.protocol.errors import (
+    AutoGLMError,
+    InternalError,
+    InvalidRequestError,
+    ModelNotFoundError,
+)
+from openautoglm.protocol.openai import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from openautoglm.protocol.request import GenerationRequest
+from openautoglm.server.http.media import validate_image_data_uri
+from openautoglm.server.http.metrics import RequestTimer
+from openautoglm.server.http.middleware import RequestInfo
+from openautoglm.server.http.openai_chat_output import ChatOutput
+from openautoglm.server.http.openai_completion_output import CompletionOutputs
+from openautoglm.server.http.openai_convert import chat_messages, chat_request, completion_requests, has_media
+from openautoglm.server.http.parsing import body_schema, parse_body
+from openautoglm.server.http.responses import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE, OrjsonResponse, sse_event
+from openautoglm.server.http.streams import ClientDisconnected, EngineCall, run_unless_disconnected
+
+logger = logging.getLogger("openautoglm.server")
+router = APIRouter(tags=["OpenAI"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in (
+        (400, "Invalid parameters (never 422)"),
+        (404, "Unknown model"),
+        (413, "Body or media over the configured limit"),
+        (415, "A modality or encoding the server does not accept"),
+        (503, "Draining or engine unavailable; see Retry-After"),
+    )
+}
+
+
+def _responses(model: type, stream_model: type | None = None) -> dict[int | str, dict[str, Any]]:
+    ok: dict[str, Any] = {"model": model, "description": "The result"}
+    if stream_model is not None:
+        ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+        ok["description"] = f"The result; with stream=true, {stream_model.__name__} events ending with [DONE]"
+    return {200: ok, **_ERRORS}
+
+
+def resolve_model(engine: Any, name: str | None) -> str:
+    if name is None or name == engine.model_name:
+        return engine.model_name
+    raise ModelNotFoundError(f"model {name!r} is not served here; this server runs {engine.model_name!r}")
+
+
+# --- models ------------------------------------------------------------------------------------------------
+
+
+def model_card(request: Request) -> dict[str, Any]:
+    engine = request.app.state.engine
+    return {
+        "id": engine.model_name,
+        "object": "model",
+        "created": request.app.state.started_at,
+        "owned_by": "openautoglm",
+        "max_model_len": engine.max_model_len,
+        "capabilities": {
+            "modalities": sorted(engine.modalities),
+            "chat": bool(engine.tokenizer.has_chat_template),
+            "completions": True,
+            "streaming": True,
+            "logprobs": True,
+        },
+    }
+
+
+@router.get("/v1/models", responses={200: {"model": ModelList}})
+async def list_models(request: Request) -> Response:
+    return OrjsonResponse({"object": "list", "data": [model_card(request)]})
+
+
+@router.get("/v1/models/{model_id:path}", responses={200: {"model": ModelCard}, 404: _ERRORS[404]})
+async def get_model(model_id: str, request: Request) -> Response:
+    resolve_model(request.app.state.engine, model_id)
+    return OrjsonResponse(model_card(request))
+
+
+# --- chat completions and completions ----------------------------------------------------------------------
+
+
+@router.post(
+    "/v1/chat/completions",
+    openapi_extra=body_schema(ChatCompletionRequest),
+    responses=_responses(ChatCompletionResponse, ChatCompletionChunk),
+)
+async def chat_completions(request: Request) -> Response:
+    body = await parse_body(request, ChatCompletionRequest)
+    engine = request.app.state.engine
+    model = resolve_model(engine, body.model)
+    info = _note(request, model, lambda: orjson.dumps([m.model_dump() for m in body.messages]).decode())
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    media_cfg = request.app.state.settings.server.media
+    convert = partial(
+        chat_request,
+        body,
+        rid,
+        model=model,
+        modalities=engine.modalities,
+        image_check=lambda url, param: validate_image_data_uri(url, media_cfg, param=param),
+    )
+    # Decoding images is CPU work: keep it off the event loop.
+    gen = await run_in_threadpool(convert) if has_media(body.messages) else convert()
+    gen.metadata["http_request_id"] = info.request_id
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    tokenizer = engine.tokenizer
+    output = ChatOutput(
+        rid,
+        model,
+        gen.sampling.n,
+        top_logprobs=gen.sampling.logprobs,
+        include_usage=include_usage,
+        token_bytes=lambda token_id, _text: tokenizer.token_bytes(token_id),
+    )
+    return await _serve(request, [gen], output, stream=bool(body.stream))
+
+
+@router.post(
+    "/v1/completions",
+    openapi_extra=body_schema(CompletionRequest),
+    responses=_responses(CompletionResponse, CompletionResponse),
+)
+async def completions(request: Request) -> Response:
+    body = await parse_body(request, CompletionRequest)
+    engine = request.app.state.engine
+    model = resolve_model(engine, body.model)
+    info = _note(request, model, lambda: orjson.dumps(body.prompt).decode())
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    gens = completion_requests(body, rid, model=model)
+    for gen in gens:
+        gen.metadata["http_request_id"] = info.request_id
+    echo = [_prompt_text(engine, g) for g in gens] if body.echo else None
+    output = CompletionOutputs(
+        rid,
+        model,
+        gens[0].sampling.n,
+        num_prompts=len(gens),
+        logprobs=gens[0].sampling.logprobs,
+        echo_texts=echo,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )
+    return await _serve(request, gens, output, stream=bool(body.stream))
+
+
+def _note(request: Request, model: str, prompt_text: Any) -> RequestInfo:
+    info: RequestInfo = request.state.info
+    info.model = model
+    if request.app.state.settings.server.log_prompts:
+        info.prompt = prompt_text()
+    return info
+
+
+def _prompt_text(engine: Any, gen: GenerationRequest) -> str:
+    if gen.prompt is not None:
+        return gen.prompt
+    ids = gen.prompt_token_ids or []
+    if any(t < 0 or t >= engine.tokenizer.vocab_size for t in ids):
+        return ""  # the engine refuses these ids with a 400 naming the bad one
+    return engine.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+Output = ChatOutput | CompletionOutputs
+
+
+async def _serve(
+    request: Request, gens: list[GenerationRequest], output: Output, *, stream: bool
+) -> Response:
+    app_state = request.app.state
+    info: RequestInfo = request.state.info
+    timer = app_state.metrics.timer(output.model)
+    call = EngineCall(app_state.engine, app_state.server_state)
+    await call.start(gens)  # bad input fails here, as a 4xx, before any byte of the response is sent
+    if stream:
+        body = _sse(call, output, timer, info)
+        return StreamingResponse(body, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+    try:
+        await run_unless_disconnected(request.receive, _collect(call, output, timer))
+    except ClientDisconnected:
+        info.outcome = "client_disconnected"
+        timer.aborted("client_disconnected")
+        return Response(status_code=499)  # nginx's "client closed request": never seen, but logged
+    finally:
+        await call.aclose()
+        info.usage = output.usage
+    _finished(output, timer, info)
+    return OrjsonResponse(output.response())
+
+
+async def _collect(call: EngineCall, output: Output, timer: RequestTimer) -> None:
+    async for k, chunk in call.chunks():
+        timer.saw_tokens(sum(len(o.token_ids_delta) for o in chunk.outputs))
+        output.add(k, chunk)
+
+
+async def _sse(
+    call: EngineCall, output: Output, timer: RequestTimer, info: RequestInfo
+) -> AsyncIterator[bytes]:
+    """Headers are sent by now, so a failure travels as an ``{"error": …}`` event before ``[DONE]``."""
+    done = False
+    try:
+        for event in output.start_events():
+            yield event
+        async for k, chunk in call.chunks():
+            timer.saw_tokens(sum(len(o.token_ids_delta) for o in chunk.outputs))
+            for event in output.chunk_events(k, chunk):
+                yield event
+        for event in output.end_events():
+            yield event
+        done = True
+    except AutoGLMError as exc:
+        info.outcome = "error"
+        yield sse_event(exc.to_openai())
+        yield SSE_DONE
+    except Exception:
+        logger.exception("stream of request %s failed", info.request_id)
+        info.outcome = "error"
+        yield sse_event(InternalError("internal server error; the server log has the details").to_openai())
+        yield SSE_DONE
+    finally:
+        await call.aclose()
+        info.usage = output.usage
+        if done:
+            _finished(output, timer, info)
+        elif info.outcome is None:
+            info.outcome = "client_disconnected"
+            timer.aborted("client_disconnected")
+
+
+def _finished(output: Output, timer: RequestTimer, info: RequestInfo) -> None:
+    timer.finish(output.usage)
+    if output.aborted:
+        info.outcome = "aborted"
+        timer.aborted("aborted")
+
+
+# --- tokenize / detokenize ---------------------------------------------------------------------------------
+
+
+@router.post(
+    "/tokenize",
+    openapi_extra=body_schema(TokenizeRequest),
+    responses={200: {"model": TokenizeResponse}, **_ERRORS},
+    tags=["Tokenizer"],
+)
+async def tokenize(request: Request) -> Response:
+    body = await parse_body(request, TokenizeRequest)
+    engine = request.app.state.engine
+    model = resolve_model(engine, body.model)
+    request.state.info.model = model
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
+    tok = engine.tokenizer
+    if body.messages is not None:
+        messages = chat_messages(body.messages, model=model, modalities=engine.modalities)
+        text = await run_in_threadpool(tok.apply_chat_template, messages, body.add_generation_prompt)
+        ids = await run_in_threadpool(tok.encode, text, False)
+    else:
+        ids = await run_in_threadpool(tok.encode, body.prompt, body.add_special_tokens)
+    return OrjsonResponse({"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids})
+
+
+@router.post(
+    "/detokenize",
+    openapi_extra=body_schema(DetokenizeRequest),
+    responses={200: {"model": DetokenizeResponse}, **_ERRORS},
+    tags=["Tokenizer"],
+)
+async def detokenize(request: Request) -> Response:
+    body = await parse_body(request, DetokenizeRequest)
+    engine = request.app.state.engine
+    request.state.info.model = resolve_model(engine, body.model)
+    vocab = engine.tokenizer.vocab_size
+    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidRequestError(
+            f"token id {bad} is outside the vocabulary [0, {vocab - 1}]", param="tokens"
+        )
+    text = await run_in_threadpool(engine.tokenizer.decode, body.tokens)
+    return OrjsonResponse({"prompt": text})

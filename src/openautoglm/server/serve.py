@@ -1,0 +1,221 @@
+"""``autoglm serve``: load the engine, serve HTTP (uvicorn) and gRPC, drain on SIGINT/SIGTERM.
+
+Drain: readiness turns 503 at once and new requests get 503 with Retry-After (the listeners stay open so
+clients get an answer, not a refused connection); in-flight requests have ``server.drain_timeout`` seconds to
+finish, then are aborted (their responses end with ``finish_reason: "abort"``); the process exits 0. A second
+signal while draining aborts everything at once and exits 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import signal
+import sys
+import time
+from collections.abc import Coroutine, Iterator
+from typing import Any
+
+import uvicorn
+from rich.console import Console
+
+import openautoglm
+from openautoglm.config.settings import DEMO_MODEL, Settings
+from openautoglm.engine.async_engine import AsyncEngine
+from openautoglm.server.grpc import start_grpc_server
+from openautoglm.server.http.app import create_app
+from openautoglm.server.http.state import ServerState
+
+logger = logging.getLogger("openautoglm.server")
+_ABORT_GRACE_S = 5.0  # after aborting, how long aborted requests get to send their last chunk
+
+
+def run_server(settings: Settings) -> int:
+    """Serve until a signal drains the server; the exit code (0 after a clean drain)."""
+    configure_logging()
+    console = Console(stderr=True, soft_wrap=True)  # a log file has no width: never wrap lines
+    model = settings.engine.model.model
+    started = time.perf_counter()
+    with console.status(f"Open-AutoGLM: loading model [bold]{model}[/bold] …"):
+        engine = AsyncEngine.from_config(settings.engine)
+    console.print(f"Model [bold]{engine.model_name}[/bold] loaded in {time.perf_counter() - started:.1f} s")
+    app = create_app(settings, engine)
+    return _run_loop(_serve(settings, engine, app, console))
+
+
+def configure_logging() -> None:
+    """Access logs: one JSON object per line on stdout. Everything else: plain lines on stderr."""
+    access = logging.getLogger("openautoglm.access")
+    if not access.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+        access.propagate = False
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("openautoglm").setLevel(logging.INFO)
+
+
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
+    if importlib.util.find_spec("uvloop") is None:
+        return asyncio.run(main)
+    import uvloop
+
+    return uvloop.run(main)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its signal handling: signals start our drain instead of closing the listeners."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _serve(settings: Settings, engine: AsyncEngine, app: Any, console: Console) -> int:
+    cfg = settings.server
+    state: ServerState = app.state.server_state
+    server = _Server(
+        uvicorn.Config(
+            app,
+            host=cfg.host,
+            port=cfg.port,
+            http="httptools" if importlib.util.find_spec("httptools") else "h11",
+            lifespan="off",
+            log_config=None,
+            access_log=False,  # ours is structured (middleware.py)
+            server_header=False,
+            timeout_graceful_shutdown=_ABORT_GRACE_S,
+        )
+    )
+    grpc_server = None
+    if cfg.grpc_port:
+        grpc_server = await start_grpc_server(
+            engine, cfg.host, cfg.grpc_port, is_ready=lambda: engine.is_healthy() and not state.draining
+        )
+    serving = asyncio.create_task(_uvicorn(server))
+    drain = _Drain(settings, engine, state, server, grpc_server)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, drain.on_signal, sig)
+    try:
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.02)
+        if server.started:
+            _banner(console, settings, engine, _bound_port(server, cfg.port))
+        await serving
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if grpc_server is not None:
+            await grpc_server.stop(0)
+        await engine.shutdown()
+    if not server.started:
+        console.print(
+            f"[red]Open-AutoGLM could not listen on {cfg.host}:{cfg.port}[/red] (see the log above)"
+        )
+        return 1
+    return drain.exit_code
+
+
+async def _uvicorn(server: _Server) -> None:
+    try:
+        await server.serve()
+    except SystemExit:  # uvicorn exits when it cannot bind; it has logged why, _serve reports it
+        return
+
+
+class _Drain:
+    def __init__(
+        self, settings: Settings, engine: AsyncEngine, state: ServerState, server: _Server, grpc_server: Any
+    ) -> None:
+        self.cfg = settings.server
+        self.engine = engine
+        self.state = state
+        self.server = server
+        self.grpc_server = grpc_server
+        self.task: asyncio.Task[None] | None = None
+        self.exit_code = 0
+
+    def on_signal(self, sig: int) -> None:
+        if self.task is None:
+            logger.info(
+                "%s: draining; in-flight requests have %.0f s to finish",
+                signal.Signals(sig).name,
+                self.cfg.drain_timeout,
+            )
+            self.task = asyncio.create_task(self.run())
+            return
+        logger.warning("%s again: aborting every request and exiting now", signal.Signals(sig).name)
+        self.exit_code = 1
+        self.task.cancel()
+        asyncio.get_running_loop().create_task(self._abort_all())
+        self.server.should_exit = True
+        self.server.force_exit = True
+
+    async def run(self) -> None:
+        self.state.begin_drain()
+        grpc_stopped = None
+        if self.grpc_server is not None:
+            # New RPCs are refused at once; running ones get the same time as HTTP ones.
+            grpc_stopped = asyncio.create_task(self.grpc_server.stop(self.cfg.drain_timeout))
+        finished = await self._wait_idle(self.cfg.drain_timeout)
+        if not finished:
+            count = await self._abort_all()
+            logger.warning("drain timeout: aborted %d in-flight engine requests", count)
+            await self._wait_idle(_ABORT_GRACE_S)
+        if grpc_stopped is not None:
+            await grpc_stopped
+        logger.info("drained; shutting down")
+        self.server.should_exit = True
+
+    async def _wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.state.active_requests > 0:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def _abort_all(self) -> int:
+        ids = list(self.state.engine_requests)
+        for rid in ids:
+            await self.engine.abort(rid)
+        return len(ids)
+
+
+def _bound_port(server: uvicorn.Server, configured: int) -> int:
+    for srv in getattr(server, "servers", []):
+        for sock in srv.sockets:
+            return int(sock.getsockname()[1])
+    return configured
+
+
+def _banner(console: Console, settings: Settings, engine: AsyncEngine, port: int) -> None:
+    cfg = settings.server
+    base = f"http://{cfg.host}:{port}"
+    modalities = ", ".join(sorted(engine.modalities))
+    console.print(
+        f"\n[bold]Open-AutoGLM {openautoglm.__version__}[/bold] serving [bold]{engine.model_name}[/bold] "
+        f"(context {engine.max_model_len} tokens; input: {modalities})"
+    )
+    console.print(f"  OpenAI API     {base}/v1   (chat/completions, completions, models)")
+    console.print(f"  Native API     {base}/v1/infer   tokenizer: {base}/tokenize, {base}/detokenize")
+    grpc = f"{cfg.host}:{cfg.grpc_port}" if cfg.grpc_port else "off (--grpc-port to enable)"
+    console.print(f"  KServe v2 gRPC {grpc}")
+    console.print(
+        f"  Health         {base}/healthz  {base}/ready    Metrics {base}/metrics    Docs {base}/docs"
+    )
+    console.print(f"  Ctrl-C or SIGTERM drains: in-flight requests get {cfg.drain_timeout:g} s to finish.")
+    if settings.engine.model.model == DEMO_MODEL:
+        console.print(
+            "[yellow]Note:[/yellow] 'demo' is a tiny randomly initialised model for trying Open-AutoGLM out: "
+            "its output is random text.\n  Serve a real GLM checkpoint with "
+            "[bold]autoglm serve --model PATH[/bold] (a local checkpoint directory) or "
+            "[bold]--model THUDM/glm-4-9b-chat-hf[/bold] (a hub id in the local cache)."
+        )
+    console.print()
