@@ -291,6 +291,11 @@ def test_parse_data_uri() -> None:
     percent = "data:image/png," + urllib.parse.quote_from_bytes(png)
     assert parse_data_uri(percent) == ("image/png", png)
     assert parse_data_uri("data:,hello") == ("text/plain", b"hello")
+    with pytest.raises(PayloadTooLargeError):
+        parse_data_uri(percent, max_bytes=len(png) - 1)
+    with pytest.raises(PayloadTooLargeError):
+        parse_data_uri("data:image/png," + "%00" * 10, max_bytes=9)
+    assert parse_data_uri("data:image/png," + "%00" * 10, max_bytes=10)[1] == bytes(10)
 
 
 @pytest.mark.parametrize(
