@@ -7,12 +7,21 @@ decoder must read what we write and write what we read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
+import signal
 import socket
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
+from tritonclient.grpc import InferenceServerClient as SyncClient
 from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
 from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.grpc._utils import _get_inference_request  # what tritonclient puts on the wire
@@ -517,3 +526,121 @@ async def test_a_taken_port_is_a_config_error(engine) -> None:
             await start_grpc_server(engine, "127.0.0.1", port)
     finally:
         await server.stop(None)
+
+
+# --- against a real `autoglm serve` process, with tritonclient's default (threaded) client ------------------
+
+
+@contextlib.contextmanager
+def _autoglm_serve(log_path: Path) -> Iterator[tuple[str, str]]:
+    """(HTTP base URL, gRPC address) of an `autoglm serve` process with the demo model, stopped afterwards."""
+    http_port, grpc_port = _free_port(), _free_port()
+    cmd = [sys.executable, "-m", "openautoglm.cli.main", "serve", "--port", str(http_port)]
+    cmd += ["--grpc-port", str(grpc_port)]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, f"autoglm serve exited:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"autoglm serve not ready:\n{log_path.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield base, f"127.0.0.1:{grpc_port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def serve_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
+    """(HTTP base URL, gRPC address, model name)."""
+    with _autoglm_serve(tmp_path_factory.mktemp("serve") / "serve.log") as (base, address):
+        model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
+        yield base, address, model
+
+
+def _free_blocks(base: str) -> float:
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith("autoglm_kv_cache_free_blocks"):
+            return float(line.split()[-1])
+    raise AssertionError("/metrics has no autoglm_kv_cache_free_blocks")
+
+
+def _stream_until_final(client: SyncClient, model: str, prompt: str, params: dict) -> list:
+    """Send one request on a stream and collect (result, error) until its final response."""
+    got: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    client.async_stream_infer(model, _text_input(prompt), parameters=params, enable_empty_final_response=True)
+    responses = []
+    while True:
+        result, error = got.get(timeout=60)
+        responses.append((result, error))
+        if error is not None or result.get_response().parameters[FINAL_RESPONSE].bool_param:
+            break
+    client.stop_stream()
+    return responses
+
+
+@pytest.mark.slow
+def test_process_health_metadata_and_errors(serve_process) -> None:
+    _, address, model = serve_process
+    client = SyncClient(address)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(model)
+    assert client.get_server_metadata().name == "openautoglm"
+    assert [t.name for t in client.get_model_metadata(model).inputs] == ["text_input"]
+    for name, params, status in [
+        (model, {"temperature": -1}, "StatusCode.INVALID_ARGUMENT"),
+        ("no-such-model", {}, "StatusCode.NOT_FOUND"),
+    ]:
+        with pytest.raises(InferenceServerException) as info:
+            client.infer(name, _text_input("Hello"), parameters=params)
+        assert info.value.status() == status
+    client.close()
+
+
+@pytest.mark.slow
+def test_process_infer_and_stream_agree(serve_process) -> None:
+    _, address, model = serve_process
+    client = SyncClient(address)
+    params = {"max_tokens": 10, "temperature": 0, "ignore_eos": True}
+    whole = _text(client.infer(model, _text_input("Open-AutoGLM"), parameters=params))
+    responses = _stream_until_final(client, model, "Open-AutoGLM", params)
+    assert all(error is None for _, error in responses)
+    assert len(responses) == 10
+    assert "".join(_text(r) for r, _ in responses) == whole
+    finals = [r.get_response().parameters[FINAL_RESPONSE].bool_param for r, _ in responses]
+    assert finals == [False] * 9 + [True]
+    errors = _stream_until_final(client, model, "x", {"top_k": -5})
+    assert errors[0][0] is None and "[INVALID_ARGUMENT]" in str(errors[0][1])
+    client.close()
+
+
+@pytest.mark.slow
+def test_process_stream_cancellation_frees_kv_blocks(serve_process) -> None:
+    base, address, model = serve_process
+    initial = _free_blocks(base)
+    client = SyncClient(address)
+    got: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    params = {"max_tokens": 1500, "temperature": 0, "ignore_eos": True}
+    client.async_stream_infer(model, _text_input("Hello"), parameters=params)
+    for _ in range(3):
+        _result, error = got.get(timeout=60)
+        assert error is None, str(error)
+    assert _free_blocks(base) < initial
+    client.stop_stream(cancel_requests=True)
+    deadline = time.monotonic() + 10
+    while _free_blocks(base) != initial:
+        assert time.monotonic() < deadline, "KV blocks were not freed after the stream was cancelled"
+        time.sleep(0.05)
+    client.close()

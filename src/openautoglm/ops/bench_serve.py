@@ -242,8 +242,9 @@ def _apply_event(record: RequestRecord, data: dict[str, Any], now: float, start:
         if not data.get("usage"):
             record.output_tokens += 1  # replaced by the usage count when the server sends one
     usage = data.get("usage")
-    if usage:
+    if usage:  # the server's own counts, when it sends them
         record.output_tokens = int(usage.get("completion_tokens", record.output_tokens))
+        record.prompt_len = int(usage.get("prompt_tokens", record.prompt_len))
     return last
 
 
@@ -285,7 +286,8 @@ async def run_bench_serve(
     """Run the benchmark against the server at ``url`` (e.g. ``http://127.0.0.1:8000``) and aggregate it.
 
     ``model`` defaults to the first model of ``/v1/models``. A single test request runs first (and warms the
-    server up); it failing raises ServiceUnavailableError.
+    server up); it failing raises ServiceUnavailableError. The same seed gives the same prompts: a second run
+    against the same server finds them in its prefix cache, so change the seed for cold-cache numbers.
     """
     _check_args(num_prompts, request_rate, max_concurrency, input_len, output_len)
     base = url.rstrip("/")
@@ -295,7 +297,8 @@ async def run_bench_serve(
         model = model or await _served_model(session, base)
         pool = await token_pool(session, base, model, seed)
         rng = random.Random(seed)
-        prompts = [rng.choices(pool, k=input_len) for _ in range(num_prompts)]
+        # One extra prompt for the test request, so that no measured prompt is already in the prefix cache.
+        test_prompt, *prompts = [rng.choices(pool, k=input_len) for _ in range(num_prompts + 1)]
 
         def payload(prompt: list[int]) -> dict[str, Any]:
             return {
@@ -309,7 +312,7 @@ async def run_bench_serve(
             }
 
         target = base + endpoint
-        test = await _one_request(session, target, payload(prompts[0]))
+        test = await _one_request(session, target, payload(test_prompt))
         if not test.success:
             raise ServiceUnavailableError(f"the test request to {target} failed: {test.error}")
 
