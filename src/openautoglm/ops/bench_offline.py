@@ -86,10 +86,13 @@ def bench_transformers(checkpoint: str, prompts: list[list[int]], output_len: in
     gen_cfg = GenerationConfig(
         max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0, use_cuda_graph=False
     )
-    with torch.inference_mode():
-        model.generate_batch(inputs=prompts[:1], generation_config=gen_cfg)  # warm-up, as for the engine
-        start = time.perf_counter()
-        outputs = model.generate_batch(inputs=prompts, generation_config=gen_cfg)
-        elapsed = time.perf_counter() - start
+    # No inference_mode here: generate_batch runs its own worker thread and manages grad mode itself.
+    model.generate_batch(inputs=prompts[:1], generation_config=gen_cfg)  # warm-up, as for the engine
+    start = time.perf_counter()
+    outputs = model.generate_batch(inputs=prompts, generation_config=gen_cfg)
+    elapsed = time.perf_counter() - start
+    failed = [o.error for o in outputs.values() if o.error]
+    if failed or len(outputs) != len(prompts):
+        raise RuntimeError(f"transformers generate_batch lost requests: {len(outputs)}/{len(prompts)}, {failed[:1]}")
     out_tokens = sum(len(o.generated_tokens) for o in outputs.values())
     return Throughput("transformers generate_batch", len(prompts), sum(map(len, prompts)), out_tokens, elapsed)
