@@ -441,6 +441,21 @@ async def test_one_stream_serves_concurrent_requests_and_reports_errors_in_band(
     assert len(errors) == 1 and "[INVALID_ARGUMENT]" in errors[0] and "top_p" in errors[0]
 
 
+async def test_stream_false_and_echo_in_a_stream(served) -> None:
+    client, model = served
+    params = {"max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    whole = _text(await client.infer(model, _text_input("Hello"), parameters=params))
+
+    async def requests(extra: dict):
+        yield {"model_name": model, "inputs": _text_input("Hello"), "parameters": params | extra}
+
+    single = [r async for r, _ in client.stream_infer(requests({"stream": False}))]
+    assert len(single) == 1 and _text(single[0]) == whole
+    assert single[0].get_response().parameters[FINAL_RESPONSE].bool_param is True
+    echoed = [r async for r, _ in client.stream_infer(requests({"exclude_input_in_output": False}))]
+    assert len(echoed) == 5 and "".join(_text(r) for r in echoed) == "Hello" + whole
+
+
 @pytest.mark.parametrize(
     ("model", "parameters", "status"),
     [
@@ -461,6 +476,27 @@ async def test_context_overflow_is_invalid_argument(served, engine) -> None:
     with pytest.raises(InferenceServerException) as info:
         await client.infer(model, _text_input("Hello"), parameters={"max_tokens": engine.max_model_len + 1})
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+async def test_an_engine_fault_is_internal_and_the_service_goes_on(served, engine, monkeypatch) -> None:
+    client, model = served
+
+    def faulty(*args, **kwargs):
+        raise RuntimeError("injected model fault")
+
+    monkeypatch.setattr(engine.core.runner.model, "forward", faulty)
+    with pytest.raises(InferenceServerException) as info:
+        await client.infer(model, _text_input("Hello"), parameters={"max_tokens": 3})
+    assert info.value.status() == "StatusCode.INTERNAL" and "injected model fault" in info.value.message()
+
+    async def requests():
+        yield {"model_name": model, "inputs": _text_input("Hello"), "parameters": {"max_tokens": 3}}
+
+    [(result, error)] = [item async for item in client.stream_infer(requests())]
+    assert result is None and str(error).startswith("[INTERNAL]") and "injected model fault" in str(error)
+    monkeypatch.undo()
+    after = await client.infer(model, _text_input("Hello"), parameters={"max_tokens": 3, "ignore_eos": True})
+    assert after.get_response().parameters["completion_tokens"].int64_param == 3
 
 
 async def test_cancelled_stream_aborts_at_once_and_frees_kv_blocks(served, engine) -> None:
