@@ -63,10 +63,10 @@ def engine_config(model: Path | str, **sections: dict[str, Any]) -> EngineConfig
 
 
 @pytest.fixture(scope="session")
-def make_engine_config():  # noqa: ANN201 — returns engine_config, for tests that cannot import conftest
+def make_engine_config():
     return engine_config
 
 
 @pytest.fixture(scope="session")
-def checkpoint_factory():  # noqa: ANN201 — returns make_checkpoint
+def checkpoint_factory():
     return make_checkpoint

@@ -227,7 +227,7 @@ async def test_bad_input_is_refused_before_scheduling(
 
 
 @pytest.fixture(scope="module")
-def _shared_async_engine(tiny_glm4: Path, make_engine_config):  # noqa: ANN202
+def _shared_async_engine(tiny_glm4: Path, make_engine_config):
     engine = AsyncEngine.from_config(make_engine_config(tiny_glm4))
     yield engine
     asyncio.run(engine.shutdown())

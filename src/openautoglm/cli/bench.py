@@ -47,7 +47,9 @@ def offline(
     results = [bench_engine(settings.engine, prompts, output_len)]
     if compare_transformers:
         device = resolve_device(settings.engine.model.device)
-        results.append(bench_transformers(str(path), prompts, output_len, resolve_dtype(settings.engine.model.dtype, device)))
+        results.append(
+            bench_transformers(str(path), prompts, output_len, resolve_dtype(settings.engine.model.dtype, device))
+        )
     _report(results, as_json)
 
 

@@ -49,7 +49,9 @@ def generate(
     setup_logging(verbose)
     llm = _llm(model, config, device, dtype)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    fields: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}]} if chat_template else {"prompt": prompt}
+    fields: dict[str, Any] = (
+        {"messages": [{"role": "user", "content": prompt}]} if chat_template else {"prompt": prompt}
+    )
     request = GenerationRequest(request_id="cli-0", sampling=params, **fields)
     _print_stream(llm, request, stream)
 

@@ -122,7 +122,7 @@ class AsyncEngine:
                     return
                 if self.core.has_unfinished():
                     self._deliver(self.core.step())
-        except BaseException as exc:  # noqa: BLE001 — a bug in the loop itself: report it to every stream
+        except BaseException as exc:
             logger.exception("Open-AutoGLM engine: the step loop died")
             self._fatal = exc
             err = EngineError(f"the Open-AutoGLM engine step loop failed: {type(exc).__name__}: {exc}")

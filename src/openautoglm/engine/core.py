@@ -18,7 +18,7 @@ from openautoglm.engine.kv_cache import KVCacheManager
 from openautoglm.engine.loader import load_model
 from openautoglm.engine.request import Request
 from openautoglm.engine.runner import ModelRunner, kv_cache_bytes_per_block
-from openautoglm.engine.sampling import Sampler, SampledLogprobs
+from openautoglm.engine.sampling import SampledLogprobs, Sampler
 from openautoglm.engine.scheduler import Scheduler
 from openautoglm.engine.stats import EngineStats
 from openautoglm.engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -205,7 +205,7 @@ class EngineCore:
             return self._collect(out)
         try:
             reqs, logits = self.runner.execute(sched.scheduled)
-        except Exception as exc:  # noqa: BLE001 — a model fault fails this step's requests, never the engine
+        except Exception as exc:
             logger.exception("Open-AutoGLM engine: model step failed; failing its %d requests", len(sched.scheduled))
             for s in sched.scheduled:
                 self._fail(s.request, exc, out)

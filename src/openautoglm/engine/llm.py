@@ -35,7 +35,7 @@ class LLM:
         return llm
 
     @property
-    def tokenizer(self):  # noqa: ANN201 — the engine's Tokenizer
+    def tokenizer(self):
         return self.core.tokenizer
 
     def generate(

@@ -96,9 +96,7 @@ class _SamplingFields(_Request):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: int | None = Field(
-        None, description="Deprecated by OpenAI in favour of max_completion_tokens"
-    )
+    max_tokens: int | None = Field(None, description="Deprecated by OpenAI in favour of max_completion_tokens")
     max_completion_tokens: int | None = Field(None, description="Default: up to the end of the context")
     logprobs: bool | None = False
     top_logprobs: int | None = None
@@ -115,13 +113,9 @@ CompletionPrompt = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: CompletionPrompt = Field(
-        ..., description="A string, a list of strings, token ids, or lists of them"
-    )
+    prompt: CompletionPrompt = Field(..., description="A string, a list of strings, token ids, or lists of them")
     max_tokens: int | None = Field(16, description="null: generate up to the end of the context")
-    logprobs: int | None = Field(
-        None, description="Return log-probabilities of this many alternatives per token"
-    )
+    logprobs: int | None = Field(None, description="Return log-probabilities of this many alternatives per token")
     echo: bool | None = False
     best_of: int | None = Field(None, description="Only best_of == n is supported")
     suffix: str | None = Field(None, description="Not supported; must be absent")
@@ -131,9 +125,7 @@ class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = Field(
-        False, description="Default false: prompts are encoded so for generation too"
-    )
+    add_special_tokens: bool = Field(False, description="Default false: prompts are encoded so for generation too")
     add_generation_prompt: bool = True
 
 

@@ -75,9 +75,7 @@ class ModelArchConfig:
                 max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
                 rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
-                partial_rotary_factor=float(
-                    rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5))
-                ),
+                partial_rotary_factor=float(rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5))),
                 attention_bias=bool(d.get("attention_bias", True)),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 hidden_act=str(d.get("hidden_act", "silu")),
@@ -94,9 +92,7 @@ class CausalLM(Protocol):
 
     def __init__(self, config: ModelArchConfig) -> None: ...
 
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor: ...
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor: ...
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor: ...
 
