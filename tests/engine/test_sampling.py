@@ -118,6 +118,26 @@ def test_warpers_match_transformers(vocab: int, candidates: int) -> None:
             _assert_same_distribution(probs[i], _hf_warped(logits[i], sp))
 
 
+def test_top_p_histogram_fallback_still_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows whose nucleus outgrows the first top-k go through a histogram; if its estimate fell short, every
+    token is searched. Force the estimate to fall short and check nothing changes."""
+    from openautoglm.engine import sampling
+
+    real = sampling._nucleus_buckets
+
+    def short(e: torch.Tensor, z: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        buckets, start = real(e, z, top_p)
+        return buckets, torch.full_like(start, sampling._TOP_BUCKET)
+
+    monkeypatch.setattr(sampling, "_nucleus_buckets", short)
+    vocab = 700
+    params = [sp for sp in WARPERS if sp.top_p < 1.0]
+    logits = _logits(len(params), vocab, seed=12, scale=0.5)
+    probs = Sampler(vocab, top_p_candidates=2).distribution(logits, [_req(sp) for sp in params])
+    for i, sp in enumerate(params):
+        _assert_same_distribution(probs[i], _hf_warped(logits[i], sp))
+
+
 def test_repetition_penalty_matches_transformers() -> None:
     v = 400
     logits = _logits(6, v, seed=1)
@@ -265,9 +285,7 @@ def test_unseeded_draws_across_blocks_follow_the_distribution() -> None:
     picks = [0, 255, 256, 300, 511, 512, 699]
     row[picks] = torch.tensor([0.3, 1.0, -0.2, 0.8, 0.0, 0.5, 1.2])
     torch.manual_seed(1)
-    tokens = (
-        Sampler(v).sample(row.expand(n, v).contiguous(), [_req(SamplingParams()) for _ in range(n)]).token_ids
-    )
+    tokens = Sampler(v).sample(row.expand(n, v).contiguous(), [_req(SamplingParams()) for _ in range(n)]).token_ids
     stat = _chi_square(tokens, torch.softmax(row, -1))
     assert stat < 22.46  # 6 degrees of freedom, p = 0.001
 
@@ -281,9 +299,7 @@ def test_truncated_draws_follow_the_truncated_distribution() -> None:
     probs = torch.softmax(_hf_warped(row, sp), -1)
     dof = int((probs > 0).sum()) - 1
     assert dof >= 5
-    assert _chi_square(tokens, probs) < {5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88}.get(
-        dof, 3.0 * dof + 10
-    )
+    assert _chi_square(tokens, probs) < {5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88}.get(dof, 3.0 * dof + 10)
 
 
 # ---- seeds and batch composition (issue test 3, at the sampler) ------------------------------------------
@@ -396,9 +412,7 @@ def test_mixed_batch_rows_match_each_row_alone() -> None:
             _req(SamplingParams(top_k=20, min_p=0.05, presence_penalty=0.7), output=[9, 9], seed=12),
             _req(SamplingParams(temperature=1.1), seed=13, processors=[ban_low]),
             _req(SamplingParams(temperature=0.0, min_tokens=2), eos=frozenset({7})),
-            _req(
-                SamplingParams(temperature=0.6, frequency_penalty=1.5, logprobs=2), output=[1, 1, 3], seed=14
-            ),
+            _req(SamplingParams(temperature=0.6, frequency_penalty=1.5, logprobs=2), output=[1, 1, 3], seed=14),
             _req(SamplingParams(temperature=0.0), processors=[ban_low]),
         ]
 

@@ -89,11 +89,11 @@ def _plan(requests: Sequence[Request]) -> _Plan:
 class Sampler:
     """Samples one token per row of a [B, vocab_size] float32 logits tensor, one row per request, in order.
 
-    ``top_p_candidates`` is how many best tokens the top-p search looks at first; a row whose nucleus is
-    larger searches again with 16 times as many, up to a full sort. It changes speed, never results.
+    ``top_p_candidates`` is how many best tokens the top-p search looks at first (one top-k for the batch);
+    a row whose nucleus is wider falls back to a histogram of its weights. It changes speed, never results.
     """
 
-    def __init__(self, vocab_size: int, *, top_p_candidates: int = 256) -> None:
+    def __init__(self, vocab_size: int, *, top_p_candidates: int = 64) -> None:
         if vocab_size < 1:
             raise EngineError(f"sampler vocab_size must be >= 1, got {vocab_size}")
         if top_p_candidates < 1:
@@ -275,10 +275,11 @@ class Sampler:
             kp = [j for j in p_rows if ks[j]]
             if kp:  # top_p reads the distribution top_k left
                 _mask(e, x, thr, kp)
-            z = _rows(e, p_rows).view(len(p_rows), -1, BLOCK).sum(-1).sum(-1, dtype=torch.float64)
+            ep = _rows(e, p_rows)
+            z = ep.view(len(p_rows), -1, BLOCK).sum(-1).sum(-1, dtype=torch.float64)
             top_p = torch.tensor([sps[j].top_p for j in p_rows], dtype=torch.float64, device=x.device)
             tp = None if t is None else t[p_rows]
-            cut = self._top_p_cut(_rows(x, p_rows), m[p_rows], tp, z, top_p, thr[p_rows])
+            cut = self._top_p_cut(_rows(x, p_rows), ep, m[p_rows], tp, z, top_p, thr[p_rows])
             thr[p_rows] = torch.maximum(thr[p_rows], cut)
         if mp_rows:
             log_min_p = torch.tensor([math.log(sps[j].min_p) for j in mp_rows], device=x.device)
@@ -289,32 +290,33 @@ class Sampler:
     def _top_p_cut(
         self,
         x: torch.Tensor,
+        e: torch.Tensor,
         m: torch.Tensor,
         t: torch.Tensor | None,
         z: torch.Tensor,
         top_p: torch.Tensor,
         floor: torch.Tensor,
     ) -> torch.Tensor:
-        """The smallest logit each row keeps: token i (by descending logit) stays while the probability mass
-        before it is < top_p. Looks at the best K tokens, and again with more for rows that need more."""
-        n, v = x.shape
-        cut = torch.empty(n, device=x.device)
-        pending = torch.arange(n, device=x.device)
+        """The smallest logit each row keeps. One top-k of ``top_p_candidates`` settles most rows; a row with
+        a wider nucleus finds from a histogram of its weights which tokens surely hold it and sorts only those.
+        Either way the cut comes from the same sorted values, so it does not depend on the way taken."""
+        v = x.shape[1]
         k = min(self.top_p_candidates, v)
-        while pending.numel():
-            vals = _largest(x if pending.numel() == n else x[pending], k)
-            scaled = vals - m[pending]
-            if t is not None:
-                scaled = scaled / t[pending]
-            w = torch.exp(scaled.double()).masked_fill_(vals < floor[pending, None], 0.0)
-            cum = (w / z[pending, None]).cumsum(-1)
-            before = torch.zeros_like(cum)
-            before[:, 1:] = cum[:, :-1]
-            kept = (before < top_p[pending, None]).sum(-1)  # a prefix: `before` never decreases
-            done = (kept < k) | (k == v)
-            cut[pending[done]] = vals[done].gather(1, (kept[done] - 1).unsqueeze(1))[:, 0]
-            pending = pending[~done]
-            k = min(v, k * 16)
+        done, cut = _nucleus(_largest(x, k), m, t, z, top_p, floor, k == v)
+        rest = (~done).nonzero()[:, 0]
+        if rest.numel() == 0:
+            return cut
+        buckets, start = _nucleus_buckets(e[rest], z[rest], top_p[rest])
+        for r, i in enumerate(rest.tolist()):
+            one = slice(i, i + 1)
+            ti = None if t is None else t[one]
+            for lo in (int(start[r]), 0):  # 0: every token, should the histogram's slack fall short
+                picked = x[i][buckets[r, :v] >= lo]
+                vals = torch.sort(picked, descending=True).values.unsqueeze(0)
+                ok, c = _nucleus(vals, m[one], ti, z[one], top_p[one], floor[one], picked.numel() == v)
+                if bool(ok[0]):
+                    cut[i] = c[0]
+                    break
         return cut
 
     def _logprobs(
@@ -362,15 +364,52 @@ def _argmax_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
 
 
 def _largest(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k largest values of each row, descending."""
-    if 4 * k >= x.shape[1]:
-        return torch.sort(x, -1, descending=True).values[:, :k]
+    """The k largest values of each row, descending (topk beats a sort on the CPU even for k near V/2)."""
     return torch.topk(x, k, -1).values
 
 
 def _kth_largest(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
     k = torch.tensor(ks, device=x.device)
     return _largest(x, max(ks)).gather(1, (k - 1).unsqueeze(1))[:, 0]
+
+
+def _nucleus(
+    vals: torch.Tensor,
+    m: torch.Tensor,
+    t: torch.Tensor | None,
+    z: torch.Tensor,
+    top_p: torch.Tensor,
+    floor: torch.Tensor,
+    whole_row: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p over each row's best logits ``vals`` (descending): token i stays while the probability mass
+    before it is < top_p. Returns (settled, cut logit); a row is settled unless every token of ``vals`` stays
+    and more may follow (not ``whole_row``)."""
+    scaled = vals - m
+    if t is not None:
+        scaled = scaled / t
+    w = torch.exp(scaled.double()).masked_fill_(vals < floor.unsqueeze(1), 0.0)
+    cum = (w / z.unsqueeze(1)).cumsum(-1)
+    before = torch.zeros_like(cum)
+    before[:, 1:] = cum[:, :-1]
+    kept = (before < top_p.unsqueeze(1)).sum(-1)  # a prefix: `before` never decreases
+    settled = (kept < vals.shape[1]) | whole_row
+    return settled, vals.gather(1, (kept - 1).clamp(min=0).unsqueeze(1))[:, 0]
+
+
+_TOP_BUCKET = 0x3F800000 >> 20  # float32 1.0 read as exponent + 3 mantissa bits: 8 buckets per octave
+
+
+def _nucleus_buckets(e: torch.Tensor, z: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bucket every weight (in [0, 1]) by its float bits, a histogram of the mass per bucket, and the lowest
+    bucket each row's nucleus needs (with slack for rounding): the tokens in it or above surely hold the
+    nucleus. One pass and one scatter, no sort."""
+    buckets = e.contiguous().view(torch.int32) >> 20  # monotone in the weight, hence in the logit
+    mass = torch.zeros(e.shape[0], _TOP_BUCKET + 1, device=e.device).scatter_add_(1, buckets.long(), e)
+    mass_down = mass.flip(-1).cumsum(-1, dtype=torch.float64)  # mass in this bucket or above
+    need = torch.minimum(top_p * z * (1 + 1e-4), mass_down[:, -1])
+    j = torch.searchsorted(mass_down, need.unsqueeze(1))[:, 0].clamp(max=_TOP_BUCKET)
+    return buckets, _TOP_BUCKET - j
 
 
 def _mask(e: torch.Tensor, x: torch.Tensor, thr: torch.Tensor, rows: list[int]) -> None:
@@ -399,9 +438,7 @@ def _mask_min_tokens(w: torch.Tensor, reqs: list[Request], rows: list[int]) -> N
         w[torch.tensor(rr, device=w.device), torch.tensor(tt, device=w.device)] = _NEG_INF
 
 
-def _flatten(
-    rows: list[int], toks: list[torch.Tensor], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _flatten(rows: list[int], toks: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate per-row token tensors; return (row of each token, token). (repeat_interleave would do, but
     its parallel kernel costs milliseconds on a busy CPU even for a few hundred tokens.)"""
     if not toks:
