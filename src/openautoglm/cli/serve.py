@@ -16,9 +16,7 @@ def serve(
         str | None, typer.Option("--model", "-m", help="Checkpoint directory, hub id, or 'demo' (default)")
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file")] = None,
-    host: Annotated[
-        str | None, typer.Option("--host", help="Address to listen on (default 127.0.0.1)")
-    ] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address to listen on (default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option("--port", "-p", help="HTTP port (default 8000)")] = None,
     grpc_port: Annotated[
         int | None, typer.Option("--grpc-port", help="KServe v2 gRPC port (default 8001; 0 turns gRPC off)")
@@ -31,9 +29,7 @@ def serve(
     """
     from openautoglm.server.serve import run_server  # the server stack loads only for this command
 
-    settings = build_settings(
-        config, {"model": model}, server={"host": host, "port": port, "grpc_port": grpc_port}
-    )
+    settings = build_settings(config, {"model": model}, server={"host": host, "port": port, "grpc_port": grpc_port})
     raise typer.Exit(run_server(settings))
 
 

@@ -35,9 +35,7 @@ class ServerConfig(BaseModel):
     drain_timeout: float = Field(
         30.0, ge=0.0, description="Seconds in-flight requests may run after SIGTERM before they are aborted"
     )
-    retry_after: int = Field(
-        5, ge=1, description="Retry-After seconds sent with 503 while loading or draining"
-    )
+    retry_after: int = Field(5, ge=1, description="Retry-After seconds sent with 503 while loading or draining")
     log_prompts: bool = Field(False, description="Put prompt text into access logs (off: never logged)")
     request_id_header: str = "X-Request-ID"
     cors: CorsConfig = Field(default_factory=CorsConfig)

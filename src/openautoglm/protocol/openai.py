@@ -9,7 +9,7 @@ the names vLLM uses, so clients can pass them through ``extra_body``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,7 +46,8 @@ class AudioPart(_Request):
     input_audio: InputAudio
 
 
-ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
+# A plain union, not a discriminated one: error locations then name the part and field ("content.0.text").
+ContentPart = TextPart | ImagePart | AudioPart
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 

@@ -3,7 +3,7 @@
 Drain: readiness turns 503 at once and new requests get 503 with Retry-After (the listeners stay open so
 clients get an answer, not a refused connection); in-flight requests have ``server.drain_timeout`` seconds to
 finish, then are aborted (their responses end with ``finish_reason: "abort"``); the process exits 0. A second
-signal while draining aborts everything at once and exits 1.
+Ctrl-C (SIGINT) while draining aborts everything at once and exits 1; a repeated SIGTERM changes nothing.
 """
 
 from __future__ import annotations
@@ -115,9 +115,7 @@ async def _serve(settings: Settings, engine: AsyncEngine, app: Any, console: Con
             await grpc_server.stop(0)
         await engine.shutdown()
     if not server.started:
-        console.print(
-            f"[red]Open-AutoGLM could not listen on {cfg.host}:{cfg.port}[/red] (see the log above)"
-        )
+        console.print(f"[red]Open-AutoGLM could not listen on {cfg.host}:{cfg.port}[/red] (see the log above)")
         return 1
     return drain.exit_code
 
@@ -149,6 +147,9 @@ class _Drain:
                 self.cfg.drain_timeout,
             )
             self.task = asyncio.create_task(self.run())
+            return
+        if sig != signal.SIGINT:  # orchestrators may repeat SIGTERM; only a second Ctrl-C means "now"
+            logger.info("%s again: still draining", signal.Signals(sig).name)
             return
         logger.warning("%s again: aborting every request and exiting now", signal.Signals(sig).name)
         self.exit_code = 1
@@ -207,9 +208,7 @@ def _banner(console: Console, settings: Settings, engine: AsyncEngine, port: int
     console.print(f"  Native API     {base}/v1/infer   tokenizer: {base}/tokenize, {base}/detokenize")
     grpc = f"{cfg.host}:{cfg.grpc_port}" if cfg.grpc_port else "off (--grpc-port to enable)"
     console.print(f"  KServe v2 gRPC {grpc}")
-    console.print(
-        f"  Health         {base}/healthz  {base}/ready    Metrics {base}/metrics    Docs {base}/docs"
-    )
+    console.print(f"  Health         {base}/healthz  {base}/ready    Metrics {base}/metrics    Docs {base}/docs")
     console.print(f"  Ctrl-C or SIGTERM drains: in-flight requests get {cfg.drain_timeout:g} s to finish.")
     if settings.engine.model.model == DEMO_MODEL:
         console.print(

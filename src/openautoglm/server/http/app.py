@@ -13,6 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 import openautoglm
 from openautoglm.config.settings import Settings
 from openautoglm.protocol.openai import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -30,8 +31,10 @@ from openautoglm.server.http.middleware import (
 from openautoglm.server.http.responses import OrjsonResponse
 from openautoglm.server.http.state import ServerState
 
-# Bodies the routes parse themselves (see parsing.py): their schemas are added to the OpenAPI document here.
+# Bodies the routes parse themselves (see parsing.py) and the stream chunks: the OpenAPI document gets their
+# schemas here.
 _BODY_MODELS: tuple[type[BaseModel], ...] = (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     CompletionRequest,
     TokenizeRequest,
@@ -83,9 +86,7 @@ def create_app(settings: Settings, engine: Any) -> FastAPI:
 def _install_openapi(app: FastAPI) -> None:
     def build() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes
-            )
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for model in _BODY_MODELS:
                 js = model.model_json_schema(ref_template="#/components/schemas/{model}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -64,21 +66,38 @@ def from_http_status(status: int, detail: str) -> AutoGLMError:
 
 
 def from_validation_error(exc: ValidationError | RequestValidationError) -> InvalidRequestError:
-    """The first schema violation as a 400 naming the parameter: ``temperature: Input should be a number``."""
+    """The first schema violation as a 400 naming the parameter: ``temperature: Input should be a number``.
+
+    A value matching no member of a union (``stop: 5``) gives one error per member: the deepest ones (the
+    member that came closest) are reported, merged into one message, without the members' type labels."""
     errors = exc.errors()
     if not errors:
         return InvalidRequestError("request body is invalid")
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    if first.get("type") == "json_invalid":
-        return InvalidRequestError(f"request body is not valid JSON: {first.get('msg')}")
-    param = ".".join(loc) or None
-    message = str(first.get("msg", "invalid value"))
-    if "input" in first and first.get("type") != "missing":
-        message += f", got {_short_repr(first['input'])}"
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    if errors[0].get("type") == "json_invalid":
+        return InvalidRequestError(f"request body is not valid JSON: {errors[0].get('msg')}")
+    paths = [_param_path(e.get("loc", ())) for e in errors]
+    field = paths[0][:1]
+    group = [i for i, p in enumerate(paths) if p[:1] == field]
+    deepest = max(len(paths[i]) for i in group)
+    path = next(paths[i] for i in group if len(paths[i]) == deepest)
+    chosen = [errors[i] for i in group if paths[i] == path]
+    message = " or ".join(dict.fromkeys(str(e.get("msg", "invalid value")) for e in chosen))
+    if "input" in chosen[0] and chosen[0].get("type") != "missing":
+        message += f", got {_short_repr(chosen[0]['input'])}"
+    others = len(errors) - len(group)
+    if others:
+        message += f" (and {others} more error{'s' if others > 1 else ''})"
+    param = ".".join(path) or None
     return InvalidRequestError(f"{param}: {message}" if param else message, param=param)
+
+
+# pydantic puts the label of the union member it tried into an error's location ("str", "list[str]",
+# "tagged-union[...]", a model name); parameters are named without them.
+_TYPE_LABEL = re.compile(r"^(str|int|float|bool|none|[A-Z]\w*|.*[\[\-].*)$")
+
+
+def _param_path(loc: Any) -> tuple[str, ...]:
+    return tuple(str(p) for p in loc if p != "body" and not (isinstance(p, str) and _TYPE_LABEL.match(p)))
 
 
 def _short_repr(value: object, limit: int = 60) -> str:
@@ -99,9 +118,7 @@ async def _on_http_exception(request: Request, exc: Exception) -> Response:
         # FastAPI wraps whatever fails while it reads a body (our 413 for one) in a generic 400: unwrap it.
         return error_response(exc.__cause__)
     if exc.status_code == 404:
-        err: AutoGLMError = NotFoundError(
-            f"no route {request.method} {request.url.path}", code="route_not_found"
-        )
+        err: AutoGLMError = NotFoundError(f"no route {request.method} {request.url.path}", code="route_not_found")
     elif exc.status_code == 405:
         err = MethodNotAllowedError(f"method {request.method} is not allowed on {request.url.path}")
     else:

@@ -119,24 +119,16 @@ class _EngineCollector(Collector):
 
         yield gauge("autoglm_num_requests_running", "Sequences the engine is running", s.num_running)
         yield gauge("autoglm_num_requests_waiting", "Sequences waiting to be scheduled", s.num_waiting)
-        yield gauge(
-            "autoglm_kv_cache_usage_ratio", "Fraction of KV blocks held by live sequences", s.kv_cache_usage
-        )
+        yield gauge("autoglm_kv_cache_usage_ratio", "Fraction of KV blocks held by live sequences", s.kv_cache_usage)
         yield gauge("autoglm_kv_cache_blocks", "KV cache blocks in the pool", s.num_blocks)
-        yield gauge(
-            "autoglm_kv_cache_free_blocks", "KV cache blocks free (or only prefix-cached)", s.num_free_blocks
-        )
-        yield gauge(
-            "autoglm_engine_step_loop_alive", "1 while the engine step loop runs", float(s.step_loop_alive)
-        )
+        yield gauge("autoglm_kv_cache_free_blocks", "KV cache blocks free (or only prefix-cached)", s.num_free_blocks)
+        yield gauge("autoglm_engine_step_loop_alive", "1 while the engine step loop runs", float(s.step_loop_alive))
         yield counter(
             "autoglm_prefix_cache_queries",
             "Prompt tokens looked up in the prefix cache",
             s.prefix_cache_queries,
         )
-        yield counter(
-            "autoglm_prefix_cache_hits", "Prompt tokens found in the prefix cache", s.prefix_cache_hits
-        )
+        yield counter("autoglm_prefix_cache_hits", "Prompt tokens found in the prefix cache", s.prefix_cache_hits)
         yield counter("autoglm_prompt_tokens", "Prompt tokens processed", s.prompt_tokens_total)
         yield counter("autoglm_generation_tokens", "Tokens generated", s.generation_tokens_total)
         yield counter("autoglm_num_preemptions", "Sequences preempted to free KV blocks", s.num_preemptions)

@@ -53,9 +53,7 @@ class RequestInfo:
 
 
 class RequestContextMiddleware:
-    def __init__(
-        self, app: ASGIApp, config: ServerConfig, state: ServerState, metrics: ServerMetrics
-    ) -> None:
+    def __init__(self, app: ASGIApp, config: ServerConfig, state: ServerState, metrics: ServerMetrics) -> None:
         self.app = app
         self.config = config
         self.state = state
@@ -99,9 +97,7 @@ class RequestContextMiddleware:
             if started:
                 raise
             # Answer here rather than in Starlette's outer handler so the 500 still carries the request id.
-            logger.exception(
-                "unhandled error on %s %s (request %s)", scope["method"], scope["path"], info.request_id
-            )
+            logger.exception("unhandled error on %s %s (request %s)", scope["method"], scope["path"], info.request_id)
             status = 500
             await error_response(InternalError("internal server error; the server log has the details"))(
                 scope, receive, send_with_id
@@ -240,8 +236,7 @@ class RequestBodyMiddleware:
             raise InvalidRequestError(f"Content-Length must be a non-negative integer, got {value!r}")
         if int(value) > self.max_body:
             raise PayloadTooLargeError(
-                f"request body is {int(value)} bytes; the limit is {self.max_body} bytes "
-                "(server.max_body_bytes)"
+                f"request body is {int(value)} bytes; the limit is {self.max_body} bytes (server.max_body_bytes)"
             )
 
 
@@ -259,9 +254,7 @@ class _Inflater:
     def feed(self, data: bytes) -> bytes:
         if self._z.eof:
             if data:
-                raise InvalidRequestError(
-                    f"request body has data after the end of its {self.encoding} stream"
-                )
+                raise InvalidRequestError(f"request body has data after the end of its {self.encoding} stream")
             return b""
         try:
             out = self._z.decompress(data, self.limit - self.total + 1)

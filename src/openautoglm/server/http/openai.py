@@ -62,9 +62,20 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 def _responses(model: type, stream_model: type | None = None) -> dict[int | str, dict[str, Any]]:
     ok: dict[str, Any] = {"model": model, "description": "The result"}
     if stream_model is not None:
-        ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+        ok["content"] = {"text/event-stream": {"schema": _sse_event_schema(stream_model)}}
         ok["description"] = f"The result; with stream=true, {stream_model.__name__} events ending with [DONE]"
     return {200: ok, **_ERRORS}
+
+
+def _sse_event_schema(chunk_model: type) -> dict[str, Any]:
+    """One server-sent event (OpenAPI 3.1 describes each event of a stream by the media type's schema)."""
+    data = {
+        "type": "string",
+        "description": f"A JSON {chunk_model.__name__}, an {{'error': ...}} object on failure, and [DONE] last",
+        "contentMediaType": "application/json",
+        "contentSchema": {"$ref": f"#/components/schemas/{chunk_model.__name__}"},
+    }
+    return {"type": "object", "required": ["data"], "properties": {"data": data}}
 
 
 def resolve_model(engine: Any, name: str | None) -> str:
@@ -191,9 +202,7 @@ def _prompt_text(engine: Any, gen: GenerationRequest) -> str:
 Output = ChatOutput | CompletionOutputs
 
 
-async def _serve(
-    request: Request, gens: list[GenerationRequest], output: Output, *, stream: bool
-) -> Response:
+async def _serve(request: Request, gens: list[GenerationRequest], output: Output, *, stream: bool) -> Response:
     app_state = request.app.state
     info: RequestInfo = request.state.info
     timer = app_state.metrics.timer(output.model)
@@ -221,9 +230,7 @@ async def _collect(call: EngineCall, output: Output, timer: RequestTimer) -> Non
         output.add(k, chunk)
 
 
-async def _sse(
-    call: EngineCall, output: Output, timer: RequestTimer, info: RequestInfo
-) -> AsyncIterator[bytes]:
+async def _sse(call: EngineCall, output: Output, timer: RequestTimer, info: RequestInfo) -> AsyncIterator[bytes]:
     """Headers are sent by now, so a failure travels as an ``{"error": …}`` event before ``[DONE]``."""
     done = False
     try:
@@ -301,8 +308,6 @@ async def detokenize(request: Request) -> Response:
     vocab = engine.tokenizer.vocab_size
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:
-        raise InvalidRequestError(
-            f"token id {bad} is outside the vocabulary [0, {vocab - 1}]", param="tokens"
-        )
+        raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab - 1}]", param="tokens")
     text = await run_in_threadpool(engine.tokenizer.decode, body.tokens)
     return OrjsonResponse({"prompt": text})

@@ -16,9 +16,7 @@ def text_bytes(token_id: int, text: str) -> bytes:
     return text.encode("utf-8")
 
 
-def chat_logprobs(
-    lps: list[TokenLogprob], top: int, token_bytes: TokenBytes = text_bytes
-) -> list[dict[str, Any]]:
+def chat_logprobs(lps: list[TokenLogprob], top: int, token_bytes: TokenBytes = text_bytes) -> list[dict[str, Any]]:
     """OpenAI's ``bytes`` are the raw bytes of a token, which differ from its text for partial characters."""
     return [
         {
@@ -62,9 +60,7 @@ class ChatOutput(OutputBase):
         for o in out.outputs:
             self._texts[o.index].append(o.text_delta)
             if self.top_logprobs is not None and o.logprobs_delta:
-                self._logprobs[o.index].extend(
-                    chat_logprobs(o.logprobs_delta, self.top_logprobs, self.token_bytes)
-                )
+                self._logprobs[o.index].extend(chat_logprobs(o.logprobs_delta, self.top_logprobs, self.token_bytes))
             if o.finish_reason is not None:
                 self._finish[o.index] = o
 
@@ -120,9 +116,7 @@ class ChatOutput(OutputBase):
                 "finish_reason": None,
             }
             if self.top_logprobs is not None and o.logprobs_delta:
-                choice["logprobs"] = {
-                    "content": chat_logprobs(o.logprobs_delta, self.top_logprobs, self.token_bytes)
-                }
+                choice["logprobs"] = {"content": chat_logprobs(o.logprobs_delta, self.top_logprobs, self.token_bytes)}
             if o.finish_reason is not None:
                 choice["finish_reason"] = o.finish_reason.value
                 choice["stop_reason"] = o.stop_reason

@@ -46,9 +46,7 @@ class CompletionOutputs(OutputBase):
             return None
         return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
-    def _logprobs_of(
-        self, index: int, lps: list[TokenLogprob], text: str, into: dict[str, list[Any]]
-    ) -> None:
+    def _logprobs_of(self, index: int, lps: list[TokenLogprob], text: str, into: dict[str, list[Any]]) -> None:
         """Append one chunk's tokens. Offsets are clamped to the chunk's text: a token that is part of a UTF-8
         character (``bytes:…``) adds no text of its own."""
         assert self.logprobs is not None

@@ -48,9 +48,7 @@ def sampling_params(
     req: ChatCompletionRequest | CompletionRequest, *, max_tokens: int | None, logprobs: int | None
 ) -> SamplingParams:
     if req.logit_bias:
-        raise InvalidRequestError(
-            "logit_bias is not supported by Open-AutoGLM; leave it out", param="logit_bias"
-        )
+        raise InvalidRequestError("logit_bias is not supported by Open-AutoGLM; leave it out", param="logit_bias")
     params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs)
     for name in _PASSTHROUGH:
         value = getattr(req, name)
@@ -128,9 +126,7 @@ def chat_messages(
 
 
 def has_media(messages: list[ChatMessage]) -> bool:
-    return any(
-        isinstance(m.content, list) and any(not isinstance(p, TextPart) for p in m.content) for m in messages
-    )
+    return any(isinstance(m.content, list) and any(not isinstance(p, TextPart) for p in m.content) for m in messages)
 
 
 def _message(
@@ -201,9 +197,7 @@ def completion_requests(req: CompletionRequest, request_id: str, *, model: str) 
         raise InvalidRequestError("suffix is not supported by Open-AutoGLM; leave it out", param="suffix")
     n = req.n if req.n is not None else 1
     if req.best_of is not None and req.best_of != n:
-        raise InvalidRequestError(
-            f"best_of must equal n ({n}) or be left out, got {req.best_of}", param="best_of"
-        )
+        raise InvalidRequestError(f"best_of must equal n ({n}) or be left out, got {req.best_of}", param="best_of")
     if req.echo and req.logprobs is not None:
         raise InvalidRequestError(
             "echo together with logprobs needs prompt logprobs, which Open-AutoGLM does not compute",
