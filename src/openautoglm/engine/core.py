@@ -319,6 +319,7 @@ class EngineCore:
                     finished=finished,
                     usage=self._usage(group) if finished else None,
                     error=group.error if finished else None,
+                    queue_time=None if group.first_sent else _queue_time(group),
                 )
             )
             group.first_sent = True
@@ -363,3 +364,9 @@ def _generator(seed: int | None, index: int, device: torch.device) -> torch.Gene
     # Each of the n sequences gets its own stream; sequence 0 uses the seed as given.
     gen.manual_seed((seed + index * 0x9E3779B97F4A7C15) % (1 << 64))
     return gen
+
+
+def _queue_time(group: _Group) -> float | None:
+    """Seconds the request waited before its first sequence was scheduled (None if it never was)."""
+    times = [s.first_scheduled_time - s.arrival_time for s in group.seqs if s.first_scheduled_time is not None]
+    return min(times) if times else None

@@ -59,6 +59,7 @@ class RequestOutput:
     finished: bool = False
     usage: Usage | None = None
     error: str | None = None  # with FinishReason.ERROR: what went wrong
+    queue_time: float | None = None  # first chunk only: seconds from arrival in the engine to first scheduling
 
 
 @dataclass(slots=True)
