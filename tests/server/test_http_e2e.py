@@ -330,6 +330,18 @@ def test_request_id_echoed_and_logged_without_prompt(server: Server, http: httpx
     assert marker not in server.log.read_text()
 
 
+def test_metrics_after_traffic(server: Server, client: openai.OpenAI) -> None:
+    client.completions.create(model="demo", prompt="count me", max_tokens=4)
+    text = httpx.get(f"{server.base}/metrics").text
+    assert 'autoglm_requests_total{model="demo",route="/v1/completions",status="200"}' in text
+    m = server.metrics()
+    for name in ("e2e_request_latency", "time_to_first_token", "time_per_output_token", "request_queue_time"):
+        assert m[f"autoglm_{name}_seconds_count"] >= 1, name
+    assert m["autoglm_prompt_tokens_total"] > 0 and m["autoglm_generation_tokens_total"] >= 4
+    assert m["autoglm_kv_cache_blocks"] == NUM_BLOCKS and m["autoglm_engine_step_loop_alive"] == 1
+    assert m["autoglm_prefix_cache_queries_total"] >= m["autoglm_prefix_cache_hits_total"] >= 0
+
+
 # --- disconnects free KV blocks ----------------------------------------------------------------------------
 
 

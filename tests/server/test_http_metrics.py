@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from openautoglm.engine.stats import EngineStats
-from openautoglm.protocol.outputs import Usage
+from openautoglm.protocol.outputs import CompletionOutput, RequestOutput, Usage
 from openautoglm.server.http.metrics import ServerMetrics
 from openautoglm.server.http.state import ServerState
 
@@ -58,20 +58,21 @@ def test_registries_are_per_app() -> None:
 def test_timer_observes_ttft_tpot_e2e_and_queue() -> None:
     m = ServerMetrics(EngineStats, "demo", ServerState())
     t = m.timer("demo")
-    t.saw_tokens(0)
-    assert t.first_token is None
-    t.saw_tokens(1)
-    t.finish(Usage(prompt_tokens=4, completion_tokens=5), queue_time=0.002)
+    t.saw(RequestOutput("r", [CompletionOutput(0)], queue_time=0.25))  # scheduled, no token yet
+    assert t.first_token is None and t.queue_time == 0.25
+    t.saw(RequestOutput("r-1", [CompletionOutput(0, "a", [5])], queue_time=0.002))  # a second prompt's request
+    assert t.first_token is not None and t.queue_time == 0.002
+    t.finish(Usage(prompt_tokens=4, completion_tokens=5))
     model = (("model", "demo"),)
     got = samples(m)
     for name in ("e2e_request_latency", "time_to_first_token", "time_per_output_token", "request_queue_time"):
         assert got[(f"autoglm_{name}_seconds_count", model)] == 1, name
     assert got[("autoglm_request_queue_time_seconds_sum", model)] == 0.002
-    assert (
-        got[("autoglm_time_to_first_token_seconds_sum", model)]
-        <= got[("autoglm_e2e_request_latency_seconds_sum", model)]
-    )
+    ttft = got[("autoglm_time_to_first_token_seconds_sum", model)]
+    assert ttft <= got[("autoglm_e2e_request_latency_seconds_sum", model)]
     t2 = m.timer("demo")
     t2.saw_tokens(1)
     t2.finish(Usage(prompt_tokens=4, completion_tokens=1))  # one token: no time between tokens to measure
-    assert samples(m)[("autoglm_time_per_output_token_seconds_count", model)] == 1
+    got = samples(m)
+    assert got[("autoglm_time_per_output_token_seconds_count", model)] == 1
+    assert got[("autoglm_request_queue_time_seconds_count", model)] == 1  # t2 saw no queue time

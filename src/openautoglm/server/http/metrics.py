@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 from starlette.responses import Response
 
 from openautoglm.engine.stats import EngineStats
-from openautoglm.protocol.outputs import Usage
+from openautoglm.protocol.outputs import RequestOutput, Usage
 from openautoglm.server.http.state import ServerState
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
@@ -77,16 +77,23 @@ class RequestTimer:
         self._model = model
         self.start = time.perf_counter()
         self.first_token: float | None = None
+        self.queue_time: float | None = None  # the engine's, for the first of its requests to be scheduled
+
+    def saw(self, chunk: RequestOutput) -> None:
+        """Note a chunk: the first one with tokens marks the first token; the engine's queue time rides on it."""
+        if chunk.queue_time is not None and (self.queue_time is None or chunk.queue_time < self.queue_time):
+            self.queue_time = chunk.queue_time
+        self.saw_tokens(sum(len(o.token_ids_delta) for o in chunk.outputs))
 
     def saw_tokens(self, count: int) -> None:
         if count and self.first_token is None:
             self.first_token = time.perf_counter()
 
-    def finish(self, usage: Usage, queue_time: float | None = None) -> None:
+    def finish(self, usage: Usage) -> None:
         end = time.perf_counter()
         self._m.e2e.labels(self._model).observe(end - self.start)
-        if queue_time is not None:
-            self._m.queue.labels(self._model).observe(queue_time)
+        if self.queue_time is not None:
+            self._m.queue.labels(self._model).observe(self.queue_time)
         if self.first_token is not None:
             self._m.ttft.labels(self._model).observe(self.first_token - self.start)
             if usage.completion_tokens > 1:

@@ -226,7 +226,7 @@ async def _serve(request: Request, gens: list[GenerationRequest], output: Output
 
 async def _collect(call: EngineCall, output: Output, timer: RequestTimer) -> None:
     async for k, chunk in call.chunks():
-        timer.saw_tokens(sum(len(o.token_ids_delta) for o in chunk.outputs))
+        timer.saw(chunk)
         output.add(k, chunk)
 
 
@@ -237,7 +237,7 @@ async def _sse(call: EngineCall, output: Output, timer: RequestTimer, info: Requ
         for event in output.start_events():
             yield event
         async for k, chunk in call.chunks():
-            timer.saw_tokens(sum(len(o.token_ids_delta) for o in chunk.outputs))
+            timer.saw(chunk)
             for event in output.chunk_events(k, chunk):
                 yield event
         for event in output.end_events():
