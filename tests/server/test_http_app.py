@@ -135,3 +135,15 @@ async def test_openapi_documents_the_bodies_and_resolves_every_ref(app: FastAPI,
     missing = {r for r in refs(doc) if r.removeprefix("#/components/schemas/") not in schemas}
     assert missing == set()
     assert "messages" in schemas["ChatCompletionRequest"]["required"]
+
+
+async def test_cors_is_off_by_default_and_configurable(engine: AsyncEngine) -> None:
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    for origins, allowed in (([], False), (["https://app.example"], True)):
+        settings = Settings.model_validate({"server": {"cors": {"allow_origins": origins}}})
+        transport = httpx.ASGITransport(app=create_app(settings, engine))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            r = await c.options("/v1/chat/completions", headers=preflight)
+            got = await c.get("/v1/models", headers={"Origin": "https://app.example"})
+        assert (r.headers.get("access-control-allow-origin") == "https://app.example") is allowed
+        assert ("x-request-id" in got.headers.get("access-control-expose-headers", "").lower()) is allowed
