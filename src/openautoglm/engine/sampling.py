@@ -270,16 +270,16 @@ class Sampler:
             return
         thr = torch.full((n,), _NEG_INF, device=x.device)
         if k_rows:
-            thr[k_rows] = _kth_largest(_rows(x, k_rows), [ks[j] for j in k_rows])
+            thr[k_rows] = _kth_largest(self._take(x, k_rows, "top_k"), [ks[j] for j in k_rows])
         if p_rows:
             kp = [j for j in p_rows if ks[j]]
             if kp:  # top_p reads the distribution top_k left
                 _mask(e, x, thr, kp)
-            ep = _rows(e, p_rows)
-            z = ep.view(len(p_rows), -1, BLOCK).sum(-1).sum(-1, dtype=torch.float64)
+            z = e.view(n, -1, BLOCK).sum(-1)[p_rows].sum(-1, dtype=torch.float64)
             top_p = torch.tensor([sps[j].top_p for j in p_rows], dtype=torch.float64, device=x.device)
             tp = None if t is None else t[p_rows]
-            cut = self._top_p_cut(_rows(x, p_rows), ep, m[p_rows], tp, z, top_p, thr[p_rows])
+            xp, ep = self._take(x, p_rows, "top_p"), e[:, :v]
+            cut = self._top_p_cut(xp, ep, p_rows, m[p_rows], tp, z, top_p, thr[p_rows])
             thr[p_rows] = torch.maximum(thr[p_rows], cut)
         if mp_rows:
             log_min_p = torch.tensor([math.log(sps[j].min_p) for j in mp_rows], device=x.device)
@@ -291,27 +291,30 @@ class Sampler:
         self,
         x: torch.Tensor,
         e: torch.Tensor,
+        e_rows: list[int],
         m: torch.Tensor,
         t: torch.Tensor | None,
         z: torch.Tensor,
         top_p: torch.Tensor,
         floor: torch.Tensor,
     ) -> torch.Tensor:
-        """The smallest logit each row keeps. One top-k of ``top_p_candidates`` settles most rows; a row with
-        a wider nucleus finds from a histogram of its weights which tokens surely hold it and sorts only those.
-        Either way the cut comes from the same sorted values, so it does not depend on the way taken."""
+        """The smallest logit each row of ``x`` (rows ``e_rows`` of ``e``) keeps. One top-k of
+        ``top_p_candidates`` settles most rows; a row with a wider nucleus finds from a histogram of its weights
+        which tokens surely hold it and sorts only those. Either way the cut comes from the same sorted values,
+        so it does not depend on the way taken."""
         v = x.shape[1]
         k = min(self.top_p_candidates, v)
         done, cut = _nucleus(_largest(x, k), m, t, z, top_p, floor, k == v)
         rest = (~done).nonzero()[:, 0]
         if rest.numel() == 0:
             return cut
-        buckets, start = _nucleus_buckets(e[rest], z[rest], top_p[rest])
-        for r, i in enumerate(rest.tolist()):
+        rest_rows = rest.tolist()
+        buckets, start = _nucleus_buckets(e[[e_rows[i] for i in rest_rows]], z[rest], top_p[rest])
+        for r, i in enumerate(rest_rows):
             one = slice(i, i + 1)
             ti = None if t is None else t[one]
             for lo in (int(start[r]), 0):  # 0: every token, should the histogram's slack fall short
-                picked = x[i][buckets[r, :v] >= lo]
+                picked = x[i][buckets[r] >= lo]
                 vals = torch.sort(picked, descending=True).values.unsqueeze(0)
                 ok, c = _nucleus(vals, m[one], ti, z[one], top_p[one], floor[one], picked.numel() == v)
                 if bool(ok[0]):
@@ -325,17 +328,27 @@ class Sampler:
         out: list[SampledLogprobs | None] = [None] * len(requests)
         if not rows:
             return out
-        lp = torch.log_softmax(_rows(logits, rows), -1)
-        chosen = lp.gather(1, tokens[rows].unsqueeze(1))[:, 0].tolist()
+        x = self._take(logits, rows, "logprobs")
+        tok = tokens[rows]
+        # log_softmax without writing it out: x - logsumexp(x), for the sampled and the top tokens only
+        lse = torch.logsumexp(x, -1, keepdim=True)
+        chosen = (x.gather(1, tok.unsqueeze(1)) - lse)[:, 0].tolist()
         ks = [requests[i].sampling_params.logprobs or 0 for i in rows]
-        kmax = min(max(ks), lp.shape[1])
-        top_v, top_i = lp.topk(kmax, -1) if kmax else (lp[:, :0], lp[:, :0].long())
-        top_vl, top_il = top_v.tolist(), top_i.tolist()
-        tok = tokens[rows].tolist()
+        kmax = min(max(ks), x.shape[1])
+        top_v, top_i = torch.topk(x, kmax, -1) if kmax else (x[:, :0], x[:, :0].long())
+        top_vl, top_il = (top_v - lse).tolist(), top_i.tolist()
+        tok_l = tok.tolist()
         for j, i in enumerate(rows):
             k = ks[j]
-            out[i] = SampledLogprobs(tok[j], chosen[j], list(zip(top_il[j][:k], top_vl[j][:k], strict=True)))
+            out[i] = SampledLogprobs(tok_l[j], chosen[j], list(zip(top_il[j][:k], top_vl[j][:k], strict=True)))
         return out
+
+    def _take(self, x: torch.Tensor, rows: list[int], name: str) -> torch.Tensor:
+        """x[rows], into a reused buffer; x itself when rows is every row in order."""
+        if len(rows) == x.shape[0] and rows == list(range(x.shape[0])):
+            return x
+        out = self._buffer(name, (len(rows), x.shape[1]), x.device)
+        return torch.index_select(x, 0, torch.tensor(rows, device=x.device), out=out)
 
     def _buffer(self, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
         """A reused float32 buffer: large per-step allocations cost page faults on every step."""
@@ -350,17 +363,10 @@ class Sampler:
 # ---- helpers -----------------------------------------------------------------------------------------------
 
 
-def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """x[rows] without a copy when rows is every row in order."""
-    if len(rows) == x.shape[0] and rows == list(range(x.shape[0])):
-        return x
-    return x[torch.tensor(rows, device=x.device)]
-
-
 def _argmax_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    if 2 * len(rows) >= logits.shape[0]:  # cheaper than copying the rows out first
+    if 2 * len(rows) >= logits.shape[0]:  # one pass over every row beats copying most of them out
         return logits.argmax(-1)[rows]
-    return logits[torch.tensor(rows, device=logits.device)].argmax(-1)
+    return torch.stack([logits[i].argmax() for i in rows])  # row views: no copy
 
 
 def _largest(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -418,10 +424,8 @@ def _mask(e: torch.Tensor, x: torch.Tensor, thr: torch.Tensor, rows: list[int]) 
     if 2 * len(rows) >= x.shape[0]:  # one pass over all rows (thresholds of the others are -inf)
         e[:, :v].masked_fill_(x < thr.unsqueeze(1), 0.0)
         return
-    idx = torch.tensor(rows, device=x.device)
-    sub = e[idx]
-    sub[:, :v].masked_fill_(x[idx] < thr[idx].unsqueeze(1), 0.0)
-    e[idx] = sub
+    for j, th in zip(rows, thr[rows].tolist(), strict=True):  # row views: no copies of the rows
+        e[j, :v].masked_fill_(x[j] < th, 0.0)
 
 
 def _mask_min_tokens(w: torch.Tensor, reqs: list[Request], rows: list[int]) -> None:
