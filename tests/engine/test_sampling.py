@@ -118,6 +118,14 @@ def test_warpers_match_transformers(vocab: int, candidates: int) -> None:
             _assert_same_distribution(probs[i], _hf_warped(logits[i], sp))
 
 
+def test_ties_at_the_top_k_boundary_are_kept_like_transformers() -> None:
+    row = torch.tensor([3.0, 2.0, 2.0, 2.0, 1.0, 0.0, 2.0, -1.0])
+    sp = SamplingParams(top_k=2, temperature=0.9)
+    probs = Sampler(8).distribution(row[None], [_req(sp)])[0]
+    _assert_same_distribution(probs, _hf_warped(row, sp))
+    assert int((probs > 0).sum()) == 5
+
+
 def test_top_p_histogram_fallback_still_matches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows whose nucleus outgrows the first top-k go through a histogram; if its estimate fell short, every
     token is searched. Force the estimate to fall short and check nothing changes."""

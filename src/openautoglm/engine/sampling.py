@@ -16,6 +16,8 @@ Choices worth knowing:
 - A draw is an inverse-CDF lookup with one uniform number per random row: a request with a ``generator``
   draws exactly one number from it per step and nothing else, so its tokens do not depend on what else is in
   the batch, where it sits or how big the batch is; every decision on a row's path depends on that row alone.
+  (Vectorised kernels may round a weight differently by one ulp in another batch layout; that moves a draw
+  only when it lands within ~1e-7 of a token boundary.)
   (The exponential-race alternative needs V random numbers per row, measured far slower on the CPU.)
   Unseeded rows share one draw from torch's default generator.
 - The caller's ``logits`` are never modified (the engine retries a failed batch row by row on the same
