@@ -53,6 +53,37 @@ def offline(
     _report(results, as_json)
 
 
+@bench_app.command("serve")
+@handle_errors
+def serve(
+    url: Annotated[str, typer.Option("--url", help="Base URL of a running server")] = "http://127.0.0.1:8000",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name; default: the server's first")] = None,
+    num_prompts: Annotated[int, typer.Option("--num-prompts")] = 100,
+    request_rate: Annotated[str, typer.Option("--request-rate", help="Requests/s (Poisson) or inf")] = "inf",
+    max_concurrency: Annotated[int | None, typer.Option("--max-concurrency")] = None,
+    input_len: Annotated[int, typer.Option("--input-len")] = 128,
+    output_len: Annotated[int, typer.Option("--output-len")] = 128,
+    endpoint: Annotated[str, typer.Option("--endpoint")] = "/v1/completions",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Load a running server with streaming requests; report throughput and latency percentiles."""
+    import asyncio
+    import math
+
+    from openautoglm.ops.bench_serve import format_result, run_bench_serve
+    from openautoglm.protocol.errors import ConfigError
+
+    try:
+        rate = math.inf if request_rate.lower() == "inf" else float(request_rate)
+    except ValueError as exc:
+        raise ConfigError(f"--request-rate must be a number of requests/s or inf, got {request_rate!r}") from exc
+    result = asyncio.run(
+        run_bench_serve(url, model, num_prompts, rate, max_concurrency, input_len, output_len, endpoint, seed)
+    )
+    typer.echo(result.to_json() if as_json else format_result(result))
+
+
 def _report(results: list[Throughput], as_json: bool) -> None:
     ratio = results[0].output_tokens_per_s / results[1].output_tokens_per_s if len(results) > 1 else None
     if as_json:
