@@ -71,7 +71,7 @@ def test_timer_observes_ttft_tpot_e2e_and_queue() -> None:
     ttft = got[("autoglm_time_to_first_token_seconds_sum", model)]
     assert ttft <= got[("autoglm_e2e_request_latency_seconds_sum", model)]
     t2 = m.timer("demo")
-    t2.saw_tokens(1)
+    t2.saw(RequestOutput("r2", [CompletionOutput(0, "a", [5])]))  # a token; the engine gave no queue time
     t2.finish(Usage(prompt_tokens=4, completion_tokens=1))  # one token: no time between tokens to measure
     got = samples(m)
     assert got[("autoglm_time_per_output_token_seconds_count", model)] == 1

@@ -12,6 +12,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 import openautoglm
 from openautoglm.config.settings import Settings
+from openautoglm.protocol.multimodal import InferRequest
 from openautoglm.protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -39,6 +40,7 @@ _BODY_MODELS: tuple[type[BaseModel], ...] = (
     CompletionRequest,
     TokenizeRequest,
     DetokenizeRequest,
+    InferRequest,
 )
 
 

@@ -8,17 +8,15 @@ when any input carries ``metadata.role``. Errors are raised as ``AutoGLMError`` 
 
 from __future__ import annotations
 
-import logging
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from openautoglm.config.media import MediaConfig
-from openautoglm.protocol.errors import AutoGLMError, InternalError, InvalidRequestError
+from openautoglm.protocol.errors import InvalidRequestError
 from openautoglm.protocol.multimodal import (
     InferOutput,
     InferRequest,
@@ -36,14 +34,11 @@ from openautoglm.server.http.media import (
     check_modalities,
     validate_media_input,
 )
-from openautoglm.server.http.metrics import RequestTimer
-from openautoglm.server.http.middleware import RequestInfo
-from openautoglm.server.http.openai import resolve_model
 from openautoglm.server.http.openai_output import OutputBase
-from openautoglm.server.http.responses import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE, OrjsonResponse, sse_event
-from openautoglm.server.http.streams import ClientDisconnected, EngineCall, run_unless_disconnected
+from openautoglm.server.http.parsing import body_schema, parse_body
+from openautoglm.server.http.responses import SSE_DONE, SSE_MEDIA_TYPE, sse_event
+from openautoglm.server.http.serving import accept_model, serve_generation
 
-logger = logging.getLogger("openautoglm.server")
 router = APIRouter(tags=["Native"])
 _STREAM_DOC = "The result; with stream=true, InferStreamChunk events ending with data: [DONE]"
 
@@ -51,6 +46,7 @@ _STREAM_DOC = "The result; with stream=true, InferStreamChunk events ending with
 @router.post(
     "/v1/infer",
     response_model=InferResponse,
+    openapi_extra=body_schema(InferRequest),
     summary="Run the native multimodal envelope",
     responses={
         200: {"content": {SSE_MEDIA_TYPE: {"schema": {"type": "string"}}}, "description": _STREAM_DOC},
@@ -67,25 +63,20 @@ _STREAM_DOC = "The result; with stream=true, InferStreamChunk events ending with
         },
     },
 )
-async def infer(envelope: InferRequest, request: Request) -> Response:
-    # The body is parsed by FastAPI (so the schema is in the OpenAPI document); the app's error handlers turn
-    # its validation errors into 400s.
-    app_state = request.app.state
-    engine = app_state.engine
-    model = resolve_model(engine, envelope.model)
-    info: RequestInfo = request.state.info
-    info.model = model
-    if app_state.settings.server.log_prompts:
-        info.prompt = "\n".join(item.data for item in envelope.inputs if item.modality == "text")
+async def infer(request: Request) -> Response:
+    envelope = await parse_body(request, InferRequest)
+    model = accept_model(
+        request, envelope.model, lambda: "\n".join(item.data for item in envelope.inputs if item.modality == "text")
+    )
     for i, item in enumerate(envelope.inputs):
         check_known_modalities([item.modality], param=f"inputs[{i}].modality")
     media: dict[int, ValidatedMedia] = {}
     if any(item.modality != "text" for item in envelope.inputs):  # decoding images is CPU work
-        media = await run_in_threadpool(validate_envelope_media, envelope, app_state.settings.server.media)
-    check_modalities({item.modality for item in envelope.inputs}, engine.modalities)
+        media = await run_in_threadpool(validate_envelope_media, envelope, request.app.state.settings.server.media)
+    check_modalities({item.modality for item in envelope.inputs}, request.app.state.engine.modalities)
     gen = build_generation_request(envelope, media, request_id=f"infer-{uuid.uuid4().hex}", model=model)
-    gen.metadata["http_request_id"] = info.request_id
-    return await _serve(request, gen, InferOutputs(gen.request_id, model, gen.sampling.n), envelope.stream)
+    output = InferOutputs(gen.request_id, model, gen.sampling.n)
+    return await serve_generation(request, [gen], output, stream=envelope.stream)
 
 
 # --- the envelope → a GenerationRequest ---------------------------------------------------------------------
@@ -164,9 +155,7 @@ class InferOutputs(OutputBase):
     def response(self) -> dict[str, Any]:
         outputs = [_output(i, "".join(texts), self._finish[i]) for i, texts in enumerate(self._texts)]
         usage = InferUsage.from_usage(self.usage)
-        body = InferResponse(
-            id=self.response_id, created=self.created, model=self.model, outputs=outputs, usage=usage
-        )
+        body = InferResponse(id=self.response_id, created=self.created, model=self.model, outputs=outputs, usage=usage)
         return body.model_dump()
 
     def start_events(self) -> list[bytes]:
@@ -189,77 +178,4 @@ class InferOutputs(OutputBase):
 
 def _output(index: int, text: str, done: CompletionOutput | None) -> InferOutput:
     finish = done.finish_reason.value if done is not None and done.finish_reason is not None else None
-    return InferOutput(
-        index=index, text=text, finish_reason=finish, stop_reason=done.stop_reason if finish else None
-    )
-
-
-# --- serving: the engine call, cleanup on every path, metrics and the access log ----------------------------
-
-
-async def _serve(request: Request, gen: GenerationRequest, output: InferOutputs, stream: bool) -> Response:
-    app_state = request.app.state
-    info: RequestInfo = request.state.info
-    timer = app_state.metrics.timer(output.model)
-    call = EngineCall(app_state.engine, app_state.server_state)
-    await call.start([gen])  # bad input fails here, as a 4xx, before any byte of the response is sent
-    if stream:
-        return StreamingResponse(
-            _sse(call, output, timer, info), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS
-        )
-    try:
-        await run_unless_disconnected(request.receive, _collect(call, output, timer))
-    except ClientDisconnected:
-        info.outcome = "client_disconnected"
-        timer.aborted("client_disconnected")
-        return Response(status_code=499)  # nginx's "client closed request": never seen, but logged
-    finally:
-        await call.aclose()
-        info.usage = output.usage
-    _finished(output, timer, info)
-    return OrjsonResponse(output.response())
-
-
-async def _collect(call: EngineCall, output: InferOutputs, timer: RequestTimer) -> None:
-    async for k, chunk in call.chunks():
-        timer.saw_tokens(sum(len(o.token_ids_delta) for o in chunk.outputs))
-        output.add(k, chunk)
-
-
-async def _sse(
-    call: EngineCall, output: InferOutputs, timer: RequestTimer, info: RequestInfo
-) -> AsyncIterator[bytes]:
-    """Headers are sent by now, so a failure travels as an ``{"error": …}`` event before ``[DONE]``."""
-    done = False
-    try:
-        async for k, chunk in call.chunks():
-            timer.saw_tokens(sum(len(o.token_ids_delta) for o in chunk.outputs))
-            for event in output.chunk_events(k, chunk):
-                yield event
-        for event in output.end_events():
-            yield event
-        done = True
-    except AutoGLMError as exc:
-        info.outcome = "error"
-        yield sse_event(exc.to_openai())
-        yield SSE_DONE
-    except Exception:
-        logger.exception("stream of request %s failed", info.request_id)
-        info.outcome = "error"
-        yield sse_event(InternalError("internal server error; the server log has the details").to_openai())
-        yield SSE_DONE
-    finally:
-        await call.aclose()
-        info.usage = output.usage
-        if done:
-            _finished(output, timer, info)
-        elif info.outcome is None:
-            info.outcome = "client_disconnected"
-            timer.aborted("client_disconnected")
-
-
-def _finished(output: InferOutputs, timer: RequestTimer, info: RequestInfo) -> None:
-    timer.finish(output.usage)
-    if output.aborted:
-        info.outcome = "aborted"
-        timer.aborted("aborted")
+    return InferOutput(index=index, text=text, finish_reason=finish, stop_reason=done.stop_reason if finish else None)

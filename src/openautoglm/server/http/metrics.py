@@ -83,10 +83,7 @@ class RequestTimer:
         """Note a chunk: the first one with tokens marks the first token; the engine's queue time rides on it."""
         if chunk.queue_time is not None and (self.queue_time is None or chunk.queue_time < self.queue_time):
             self.queue_time = chunk.queue_time
-        self.saw_tokens(sum(len(o.token_ids_delta) for o in chunk.outputs))
-
-    def saw_tokens(self, count: int) -> None:
-        if count and self.first_token is None:
+        if self.first_token is None and any(o.token_ids_delta for o in chunk.outputs):
             self.first_token = time.perf_counter()
 
     def finish(self, usage: Usage) -> None:

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
-from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
-from openautoglm.protocol.errors import (
-    AutoGLMError,
-    InternalError,
-    InvalidRequestError,
-    ModelNotFoundError,
-)
+from openautoglm.protocol.errors import InvalidRequestError
 from openautoglm.protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -35,16 +28,13 @@ from openautoglm.protocol.openai import (
 )
 from openautoglm.protocol.request import GenerationRequest
 from openautoglm.server.http.media import validate_image_data_uri
-from openautoglm.server.http.metrics import RequestTimer
-from openautoglm.server.http.middleware import RequestInfo
 from openautoglm.server.http.openai_chat_output import ChatOutput
 from openautoglm.server.http.openai_completion_output import CompletionOutputs
 from openautoglm.server.http.openai_convert import chat_messages, chat_request, completion_requests, has_media
 from openautoglm.server.http.parsing import body_schema, parse_body
-from openautoglm.server.http.responses import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE, OrjsonResponse, sse_event
-from openautoglm.server.http.streams import ClientDisconnected, EngineCall, run_unless_disconnected
+from openautoglm.server.http.responses import OrjsonResponse
+from openautoglm.server.http.serving import accept_model, resolve_model, serve_generation
 
-logger = logging.getLogger("openautoglm.server")
 router = APIRouter(tags=["OpenAI"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -76,12 +66,6 @@ def _sse_event_schema(chunk_model: type) -> dict[str, Any]:
         "contentSchema": {"$ref": f"#/components/schemas/{chunk_model.__name__}"},
     }
     return {"type": "object", "required": ["data"], "properties": {"data": data}}
-
-
-def resolve_model(engine: Any, name: str | None) -> str:
-    if name is None or name == engine.model_name:
-        return engine.model_name
-    raise ModelNotFoundError(f"model {name!r} is not served here; this server runs {engine.model_name!r}")
 
 
 # --- models ------------------------------------------------------------------------------------------------
@@ -126,9 +110,8 @@ async def get_model(model_id: str, request: Request) -> Response:
 )
 async def chat_completions(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
+    model = accept_model(request, body.model, lambda: orjson.dumps([m.model_dump() for m in body.messages]).decode())
     engine = request.app.state.engine
-    model = resolve_model(engine, body.model)
-    info = _note(request, model, lambda: orjson.dumps([m.model_dump() for m in body.messages]).decode())
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     media_cfg = request.app.state.settings.server.media
     convert = partial(
@@ -141,7 +124,6 @@ async def chat_completions(request: Request) -> Response:
     )
     # Decoding images is CPU work: keep it off the event loop.
     gen = await run_in_threadpool(convert) if has_media(body.messages) else convert()
-    gen.metadata["http_request_id"] = info.request_id
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     tokenizer = engine.tokenizer
     output = ChatOutput(
@@ -152,7 +134,7 @@ async def chat_completions(request: Request) -> Response:
         include_usage=include_usage,
         token_bytes=lambda token_id, _text: tokenizer.token_bytes(token_id),
     )
-    return await _serve(request, [gen], output, stream=bool(body.stream))
+    return await serve_generation(request, [gen], output, stream=bool(body.stream))
 
 
 @router.post(
@@ -162,13 +144,10 @@ async def chat_completions(request: Request) -> Response:
 )
 async def completions(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
+    model = accept_model(request, body.model, lambda: orjson.dumps(body.prompt).decode())
     engine = request.app.state.engine
-    model = resolve_model(engine, body.model)
-    info = _note(request, model, lambda: orjson.dumps(body.prompt).decode())
     rid = f"cmpl-{uuid.uuid4().hex}"
     gens = completion_requests(body, rid, model=model)
-    for gen in gens:
-        gen.metadata["http_request_id"] = info.request_id
     echo = [_prompt_text(engine, g) for g in gens] if body.echo else None
     output = CompletionOutputs(
         rid,
@@ -179,15 +158,7 @@ async def completions(request: Request) -> Response:
         echo_texts=echo,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
-    return await _serve(request, gens, output, stream=bool(body.stream))
-
-
-def _note(request: Request, model: str, prompt_text: Any) -> RequestInfo:
-    info: RequestInfo = request.state.info
-    info.model = model
-    if request.app.state.settings.server.log_prompts:
-        info.prompt = prompt_text()
-    return info
+    return await serve_generation(request, gens, output, stream=bool(body.stream))
 
 
 def _prompt_text(engine: Any, gen: GenerationRequest) -> str:
@@ -197,76 +168,6 @@ def _prompt_text(engine: Any, gen: GenerationRequest) -> str:
     if any(t < 0 or t >= engine.tokenizer.vocab_size for t in ids):
         return ""  # the engine refuses these ids with a 400 naming the bad one
     return engine.tokenizer.decode(ids, skip_special_tokens=False)
-
-
-Output = ChatOutput | CompletionOutputs
-
-
-async def _serve(request: Request, gens: list[GenerationRequest], output: Output, *, stream: bool) -> Response:
-    app_state = request.app.state
-    info: RequestInfo = request.state.info
-    timer = app_state.metrics.timer(output.model)
-    call = EngineCall(app_state.engine, app_state.server_state)
-    await call.start(gens)  # bad input fails here, as a 4xx, before any byte of the response is sent
-    if stream:
-        body = _sse(call, output, timer, info)
-        return StreamingResponse(body, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
-    try:
-        await run_unless_disconnected(request.receive, _collect(call, output, timer))
-    except ClientDisconnected:
-        info.outcome = "client_disconnected"
-        timer.aborted("client_disconnected")
-        return Response(status_code=499)  # nginx's "client closed request": never seen, but logged
-    finally:
-        await call.aclose()
-        info.usage = output.usage
-    _finished(output, timer, info)
-    return OrjsonResponse(output.response())
-
-
-async def _collect(call: EngineCall, output: Output, timer: RequestTimer) -> None:
-    async for k, chunk in call.chunks():
-        timer.saw(chunk)
-        output.add(k, chunk)
-
-
-async def _sse(call: EngineCall, output: Output, timer: RequestTimer, info: RequestInfo) -> AsyncIterator[bytes]:
-    """Headers are sent by now, so a failure travels as an ``{"error": …}`` event before ``[DONE]``."""
-    done = False
-    try:
-        for event in output.start_events():
-            yield event
-        async for k, chunk in call.chunks():
-            timer.saw(chunk)
-            for event in output.chunk_events(k, chunk):
-                yield event
-        for event in output.end_events():
-            yield event
-        done = True
-    except AutoGLMError as exc:
-        info.outcome = "error"
-        yield sse_event(exc.to_openai())
-        yield SSE_DONE
-    except Exception:
-        logger.exception("stream of request %s failed", info.request_id)
-        info.outcome = "error"
-        yield sse_event(InternalError("internal server error; the server log has the details").to_openai())
-        yield SSE_DONE
-    finally:
-        await call.aclose()
-        info.usage = output.usage
-        if done:
-            _finished(output, timer, info)
-        elif info.outcome is None:
-            info.outcome = "client_disconnected"
-            timer.aborted("client_disconnected")
-
-
-def _finished(output: Output, timer: RequestTimer, info: RequestInfo) -> None:
-    timer.finish(output.usage)
-    if output.aborted:
-        info.outcome = "aborted"
-        timer.aborted("aborted")
 
 
 # --- tokenize / detokenize ---------------------------------------------------------------------------------

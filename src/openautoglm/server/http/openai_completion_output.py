@@ -8,11 +8,17 @@ from __future__ import annotations
 from typing import Any
 
 from openautoglm.protocol.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from openautoglm.server.http.openai_output import OutputBase, finite_logprob, usage_dict
-from openautoglm.server.http.responses import SSE_DONE, sse_event
+from openautoglm.server.http.openai_output import (
+    OpenAIStreamOutput,
+    finish_fields,
+    finite_logprob,
+    usage_dict,
+)
 
 
-class CompletionOutputs(OutputBase):
+class CompletionOutputs(OpenAIStreamOutput):
+    chunk_object = "text_completion"
+
     def __init__(
         self,
         response_id: str,
@@ -25,10 +31,9 @@ class CompletionOutputs(OutputBase):
         include_usage: bool = False,
         created: int | None = None,
     ) -> None:
-        super().__init__(response_id, model, created)
+        super().__init__(response_id, model, include_usage=include_usage, created=created)
         self.n = n
         self.logprobs = logprobs  # None: no logprobs requested
-        self.include_usage = include_usage
         self.echo_texts = echo_texts
         size = n * num_prompts
         self._texts: list[list[str]] = [[] for _ in range(size)]
@@ -78,63 +83,26 @@ class CompletionOutputs(OutputBase):
     def response(self) -> dict[str, Any]:
         choices = []
         for index, texts in enumerate(self._texts):
-            done = self._finish[index]
-            choices.append(
-                {
-                    "index": index,
-                    "text": "".join(texts),
-                    "logprobs": self._lp[index],
-                    "finish_reason": done.finish_reason.value if done and done.finish_reason else None,
-                    "stop_reason": done.stop_reason if done else None,
-                }
-            )
+            choice = {"index": index, "text": "".join(texts), "logprobs": self._lp[index]}
+            choices.append(choice | finish_fields(self._finish[index]))
         return {**self.envelope("text_completion"), "choices": choices, "usage": usage_dict(self.usage)}
 
     # --- streamed ------------------------------------------------------------------------------------------
-
-    def _chunk(self, choice: dict[str, Any]) -> bytes:
-        body = {**self.envelope("text_completion"), "choices": [choice]}
-        if self.include_usage:
-            body["usage"] = None
-        return sse_event(body)
 
     def start_events(self) -> list[bytes]:
         """With echo, each choice's stream starts with its prompt text."""
         if self.echo_texts is None:
             return []
         return [
-            self._chunk({"index": k * self.n + i, "text": text, "logprobs": None, "finish_reason": None})
+            self.stream_chunk([{"index": k * self.n + i, "text": text, "logprobs": None, "finish_reason": None}])
             for k, text in enumerate(self.echo_texts)
             for i in range(self.n)
         ]
 
-    def chunk_events(self, prompt_index: int, out: RequestOutput) -> list[bytes]:
-        self.account(out)
-        events = []
-        for o in out.outputs:
-            if not o.text_delta and o.finish_reason is None and not o.logprobs_delta:
-                continue
-            index = prompt_index * self.n + o.index
-            lp = self._empty_lp()
-            if lp is not None and o.logprobs_delta:
-                self._logprobs_of(index, o.logprobs_delta, o.text_delta, lp)
-            self._offsets[index] += len(o.text_delta)
-            choice: dict[str, Any] = {
-                "index": index,
-                "text": o.text_delta,
-                "logprobs": lp,
-                "finish_reason": None,
-            }
-            if o.finish_reason is not None:
-                choice["finish_reason"] = o.finish_reason.value
-                choice["stop_reason"] = o.stop_reason
-            events.append(self._chunk(choice))
-        return events
-
-    def end_events(self) -> list[bytes]:
-        events = []
-        if self.include_usage:
-            body = {**self.envelope("text_completion"), "choices": [], "usage": usage_dict(self.usage)}
-            events.append(sse_event(body))
-        events.append(SSE_DONE)
-        return events
+    def stream_choice(self, prompt_index: int, o: CompletionOutput) -> dict[str, Any]:
+        index = prompt_index * self.n + o.index
+        lp = self._empty_lp()
+        if lp is not None and o.logprobs_delta:
+            self._logprobs_of(index, o.logprobs_delta, o.text_delta, lp)
+        self._offsets[index] += len(o.text_delta)
+        return {"index": index, "text": o.text_delta, "logprobs": lp, "finish_reason": None}

@@ -1,13 +1,16 @@
-"""Pieces shared by the chat and completion output converters: usage sums, engine errors, logprob values."""
+"""Pieces shared by the chat and completion output converters: usage sums, engine errors, logprob values, the
+finish fields of a choice and the stream's framing (chunk envelope, usage chunk, ``[DONE]``)."""
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
 
 from openautoglm.protocol.errors import EngineError
-from openautoglm.protocol.outputs import FinishReason, RequestOutput, Usage
+from openautoglm.protocol.outputs import CompletionOutput, FinishReason, RequestOutput, Usage
+from openautoglm.server.http.responses import SSE_DONE, sse_event
 
 # JSON has no -inf; OpenAI reports impossible tokens as -9999.0, and so do we.
 LOGPROB_FLOOR = -9999.0
@@ -49,3 +52,51 @@ class OutputBase:
 
     def envelope(self, obj: str) -> dict[str, Any]:
         return {"id": self.response_id, "object": obj, "created": self.created, "model": self.model}
+
+
+def finish_fields(done: CompletionOutput | None) -> dict[str, Any]:
+    """A choice's ``finish_reason`` and ``stop_reason``; ``done`` is the sequence's last output, if it ended."""
+    reason = done.finish_reason.value if done is not None and done.finish_reason is not None else None
+    return {"finish_reason": reason, "stop_reason": done.stop_reason if done is not None else None}
+
+
+class OpenAIStreamOutput(OutputBase, ABC):
+    """An OpenAI output whose stream is ``chunk_object`` chunks, one per sequence with news (text, logprobs or
+    its end), then the usage chunk (if asked for), then ``[DONE]``. With include_usage, every other chunk
+    carries ``"usage": null``, as OpenAI's do. Subclasses say what a streamed choice holds."""
+
+    chunk_object: ClassVar[str]
+
+    def __init__(self, response_id: str, model: str, *, include_usage: bool, created: int | None) -> None:
+        super().__init__(response_id, model, created)
+        self.include_usage = include_usage
+
+    def stream_chunk(self, choices: list[dict[str, Any]]) -> bytes:
+        body = {**self.envelope(self.chunk_object), "choices": choices}
+        if self.include_usage:
+            body["usage"] = None
+        return sse_event(body)
+
+    @abstractmethod
+    def stream_choice(self, prompt_index: int, o: CompletionOutput) -> dict[str, Any]:
+        """The choice for one sequence's news, with ``"finish_reason": None`` (set here when it ends)."""
+
+    def chunk_events(self, prompt_index: int, out: RequestOutput) -> list[bytes]:
+        self.account(out)
+        events = []
+        for o in out.outputs:
+            if not (o.text_delta or o.logprobs_delta or o.finish_reason is not None):
+                continue
+            choice = self.stream_choice(prompt_index, o)
+            if o.finish_reason is not None:
+                choice.update(finish_fields(o))
+            events.append(self.stream_chunk([choice]))
+        return events
+
+    def end_events(self) -> list[bytes]:
+        events = []
+        if self.include_usage:
+            body = {**self.envelope(self.chunk_object), "choices": [], "usage": usage_dict(self.usage)}
+            events.append(sse_event(body))
+        events.append(SSE_DONE)
+        return events

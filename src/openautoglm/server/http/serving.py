@@ -1,0 +1,129 @@
+"""Serving one generation request, shared by the OpenAI routes and ``/v1/infer``.
+
+``accept_model`` resolves the requested model and notes it (and, when configured, the prompt) for the access
+log. ``serve_generation`` runs the engine call: the whole response or an SSE stream, with cleanup on every path,
+latency metrics and the access log's outcome and usage. What the response looks like is the output's business
+(see ``ServedOutput``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from openautoglm.protocol.errors import AutoGLMError, InternalError, ModelNotFoundError
+from openautoglm.protocol.outputs import RequestOutput, Usage
+from openautoglm.protocol.request import GenerationRequest
+from openautoglm.server.http.metrics import RequestTimer
+from openautoglm.server.http.middleware import RequestInfo
+from openautoglm.server.http.responses import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE, OrjsonResponse, sse_event
+from openautoglm.server.http.streams import ClientDisconnected, EngineCall, run_unless_disconnected
+
+logger = logging.getLogger("openautoglm.server")
+
+
+class ServedOutput(Protocol):
+    """Engine chunks → a response body (collected) or SSE events (streamed); see openai_output.OutputBase."""
+
+    model: str
+    usage: Usage
+    aborted: bool
+
+    def add(self, prompt_index: int, out: RequestOutput) -> None: ...
+    def response(self) -> dict[str, Any]: ...
+    def start_events(self) -> list[bytes]: ...
+    def chunk_events(self, prompt_index: int, out: RequestOutput) -> list[bytes]: ...
+    def end_events(self) -> list[bytes]: ...
+
+
+def resolve_model(engine: Any, name: str | None) -> str:
+    if name is None or name == engine.model_name:
+        return engine.model_name
+    raise ModelNotFoundError(f"model {name!r} is not served here; this server runs {engine.model_name!r}")
+
+
+def accept_model(request: Request, name: str | None, prompt_text: Callable[[], str]) -> str:
+    """The served model's name (404 for another), noted with the prompt (only if log_prompts) for the log."""
+    app_state = request.app.state
+    model = resolve_model(app_state.engine, name)
+    info: RequestInfo = request.state.info
+    info.model = model
+    if app_state.settings.server.log_prompts:
+        info.prompt = prompt_text()
+    return model
+
+
+async def serve_generation(
+    request: Request, gens: list[GenerationRequest], output: ServedOutput, *, stream: bool
+) -> Response:
+    """Run ``gens`` (one HTTP request's engine requests) and answer with ``output``'s body or SSE events."""
+    app_state = request.app.state
+    info: RequestInfo = request.state.info
+    for gen in gens:
+        gen.metadata["http_request_id"] = info.request_id
+    timer = app_state.metrics.timer(output.model)
+    call = EngineCall(app_state.engine, app_state.server_state)
+    await call.start(gens)  # bad input fails here, as a 4xx, before any byte of the response is sent
+    if stream:
+        body = _sse(call, output, timer, info)
+        return StreamingResponse(body, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+    try:
+        await run_unless_disconnected(request.receive, _collect(call, output, timer))
+    except ClientDisconnected:
+        info.outcome = "client_disconnected"
+        timer.aborted("client_disconnected")
+        return Response(status_code=499)  # nginx's "client closed request": never seen, but logged
+    finally:
+        await call.aclose()
+        info.usage = output.usage
+    _finished(output, timer, info)
+    return OrjsonResponse(output.response())
+
+
+async def _collect(call: EngineCall, output: ServedOutput, timer: RequestTimer) -> None:
+    async for k, chunk in call.chunks():
+        timer.saw(chunk)
+        output.add(k, chunk)
+
+
+async def _sse(call: EngineCall, output: ServedOutput, timer: RequestTimer, info: RequestInfo) -> AsyncIterator[bytes]:
+    """Headers are sent by now, so a failure travels as an ``{"error": …}`` event before ``[DONE]``."""
+    done = False
+    try:
+        for event in output.start_events():
+            yield event
+        async for k, chunk in call.chunks():
+            timer.saw(chunk)
+            for event in output.chunk_events(k, chunk):
+                yield event
+        for event in output.end_events():
+            yield event
+        done = True
+    except AutoGLMError as exc:
+        info.outcome = "error"
+        yield sse_event(exc.to_openai())
+        yield SSE_DONE
+    except Exception:
+        logger.exception("stream of request %s failed", info.request_id)
+        info.outcome = "error"
+        yield sse_event(InternalError("internal server error; the server log has the details").to_openai())
+        yield SSE_DONE
+    finally:
+        await call.aclose()
+        info.usage = output.usage
+        if done:
+            _finished(output, timer, info)
+        elif info.outcome is None:
+            info.outcome = "client_disconnected"
+            timer.aborted("client_disconnected")
+
+
+def _finished(output: ServedOutput, timer: RequestTimer, info: RequestInfo) -> None:
+    timer.finish(output.usage)
+    if output.aborted:
+        info.outcome = "aborted"
+        timer.aborted("aborted")
