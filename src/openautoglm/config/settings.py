@@ -14,7 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from openautoglm.config.gateway import GatewayConfig
 from openautoglm.config.server import ServerConfig
+from openautoglm.config.store import StoreConfig
 from openautoglm.protocol.errors import ConfigError
 
 DEMO_MODEL = "demo"
@@ -79,6 +81,8 @@ class Settings(BaseSettings):
 
     engine: EngineConfig = Field(default_factory=EngineConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
 
     @classmethod
     def settings_customise_sources(
