@@ -1,12 +1,23 @@
-"""Shared fixtures: the demo checkpoint and tiny random GLM checkpoints written through transformers."""
+"""Shared fixtures: the demo checkpoint, tiny random GLM checkpoints written through transformers, and real
+``autoglm serve`` processes (``serve_process``)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
+import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from openautoglm.config.settings import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 
@@ -70,3 +81,112 @@ def make_engine_config():
 @pytest.fixture(scope="session")
 def checkpoint_factory():
     return make_checkpoint
+
+
+# --- real `autoglm serve` processes ------------------------------------------------------------------------
+
+SERVE_START_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    """A loopback port free right now (another process could take it before the server binds: rare)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerHandle:
+    """One ``autoglm serve`` process on loopback ports; its stdout (JSON access log) and stderr go to ``log``."""
+
+    def __init__(self, log: Path, env: dict[str, str], args: Sequence[str], grpc: bool) -> None:
+        self.port = free_port()
+        self.grpc_port = free_port() if grpc else None
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        cmd = [sys.executable, "-m", "openautoglm.cli.main", "serve", "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), "--grpc-port", str(self.grpc_port or 0), *args]
+        # Only the test's own settings: an AUTOGLM_* variable of the user's shell must not change the server.
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("AUTOGLM_")}
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(cmd, env={**clean, **env}, stdout=out, stderr=subprocess.STDOUT)
+
+    @property
+    def grpc_address(self) -> str:
+        assert self.grpc_port is not None, "started without grpc=True"
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def wait_ready(self, timeout: float = SERVE_START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"autoglm serve exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.kill()
+        pytest.fail(f"autoglm serve not ready after {timeout}s:\n{self.log.read_text()[-4000:]}")
+
+    def metrics(self) -> dict[str, float]:
+        """Every /metrics series summed over its labels."""
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics", timeout=10).text):
+            for s in family.samples:
+                out[s.name] = out.get(s.name, 0.0) + s.value
+        return out
+
+    def access_log(self) -> list[dict[str, Any]]:
+        lines = self.log.read_bytes().splitlines()
+        return [orjson.loads(line) for line in lines if line.startswith(b'{"event":"access"')]
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM (once) and the exit code; a process still running after ``timeout`` is killed, and raises."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def wait(self, timeout: float = 60) -> int:
+        """The exit code of a process already told to stop (no second signal: that one would force it)."""
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@pytest.fixture(scope="session")
+def serve_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerHandle]]:
+    """``start(env=None, args=(), *, grpc=False)``: a ready ``autoglm serve`` (demo model unless ``args`` or
+    ``env`` say otherwise) with its log under the session's temp dir. Stop it when done (``stop()`` or a
+    ``with`` block); whatever still runs at the end of the session is stopped then."""
+    started: list[ServerHandle] = []
+
+    def start(env: dict[str, str] | None = None, args: Sequence[str] = (), *, grpc: bool = False) -> ServerHandle:
+        log = tmp_path_factory.mktemp("serve") / "server.log"
+        handle = ServerHandle(log, env or {}, args, grpc)
+        started.append(handle)
+        handle.wait_ready()
+        return handle
+
+    yield start
+    stuck = []
+    for handle in started:
+        if handle.proc.poll() is None:
+            try:
+                handle.stop()
+            except subprocess.TimeoutExpired:
+                stuck.append(str(handle.log))
+    assert not stuck, f"autoglm serve outlived SIGTERM by 60 s and was killed; logs: {stuck}"

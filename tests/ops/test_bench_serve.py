@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import pytest
 
 from openautoglm.ops.bench_serve import (
@@ -51,9 +42,7 @@ def _stream(arrivals: list[float], start: float, prompt_len: int, usage_tokens: 
     for t in arrivals:
         last = _apply_event(record, _chunk("x"), t, start, last)
     if usage_tokens is not None:
-        _apply_event(
-            record, {"choices": [], "usage": {"completion_tokens": usage_tokens}}, arrivals[-1], start, last
-        )
+        _apply_event(record, {"choices": [], "usage": {"completion_tokens": usage_tokens}}, arrivals[-1], start, last)
     record.latency = arrivals[-1] + 0.01 - start
     return record
 
@@ -65,9 +54,7 @@ def test_per_request_ttft_itl_and_token_count_from_timestamps() -> None:
     assert record.output_tokens == 4  # counted chunks: no usage chunk came
     with_usage = _stream([1.0, 2.0], start=0.0, prompt_len=4, usage_tokens=7)
     assert with_usage.output_tokens == 7  # the server's usage wins over the chunk count
-    _apply_event(
-        with_usage, {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 7}}, 2.0, 0.0, 2.0
-    )
+    _apply_event(with_usage, {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 7}}, 2.0, 0.0, 2.0)
     assert with_usage.prompt_len == 9 and with_usage.itl == pytest.approx([1.0])  # usage-only: not a chunk
 
 
@@ -90,9 +77,7 @@ def test_aggregate_metrics_exact_values() -> None:
 
     assert result.ttft_ms.mean == pytest.approx(200.0)
     assert result.ttft_ms.median == pytest.approx(200.0)
-    assert result.ttft_ms.p99 == pytest.approx(
-        100.0 + 0.99 * 200.0
-    )  # linear interpolation between 100 and 300
+    assert result.ttft_ms.p99 == pytest.approx(100.0 + 0.99 * 200.0)  # linear interpolation between 100 and 300
 
     tpots = [(0.71 - 0.1) / 3 * 1000, (0.51 - 0.3) / 1 * 1000]
     assert result.tpot_ms.mean == pytest.approx(sum(tpots) / 2)
@@ -118,9 +103,7 @@ def test_single_token_requests_have_no_tpot_and_empty_runs_are_zero() -> None:
 
 def test_error_event_fails_the_request() -> None:
     record = RequestRecord(success=True)
-    _apply_event(
-        record, {"error": {"message": "context too long", "type": "invalid_request_error"}}, 1.0, 0.0, 0.0
-    )
+    _apply_event(record, {"error": {"message": "context too long", "type": "invalid_request_error"}}, 1.0, 0.0, 0.0)
     assert not record.success and record.error == "context too long"
 
 
@@ -156,48 +139,13 @@ async def test_bad_arguments_are_config_errors() -> None:
 # --- a small real run against `autoglm serve` -------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _autoglm_serve(log_path: Path) -> Iterator[str]:
-    """The HTTP base URL of an `autoglm serve` process with the demo model (gRPC off), stopped afterwards."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "openautoglm.cli.main", "serve", "--port", str(port), "--grpc-port", "0"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, f"autoglm serve exited:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"autoglm serve not ready:\n{log_path.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.mark.slow
-async def test_small_run_against_a_live_server(tmp_path: Path) -> None:
+async def test_small_run_against_a_live_server(serve_process) -> None:
     from openautoglm.ops.bench_serve import run_bench_serve
 
-    with _autoglm_serve(tmp_path / "serve.log") as base:
+    with serve_process() as server:
         result = await run_bench_serve(
-            base, num_prompts=8, request_rate=50.0, max_concurrency=4, input_len=16, output_len=8, seed=3
+            server.url, num_prompts=8, request_rate=50.0, max_concurrency=4, input_len=16, output_len=8, seed=3
         )
     assert (result.completed, result.failed) == (8, 0), result.errors
     # Totals come from the server's usage: prompts of exactly input_len, completions of exactly output_len.

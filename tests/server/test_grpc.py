@@ -7,15 +7,10 @@ decoder must read what we write and write what we read.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import queue
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import httpx
@@ -279,9 +274,7 @@ def _all_error_classes(cls=E.AutoGLMError):
 def test_every_error_class_maps_to_its_declared_status_code() -> None:
     for cls in _all_error_classes():
         code = status_code(cls.__new__(cls))
-        assert code.name == cls.grpc_code, (
-            f"{cls.__name__}.grpc_code {cls.grpc_code!r} is not a grpc.StatusCode"
-        )
+        assert code.name == cls.grpc_code, f"{cls.__name__}.grpc_code {cls.grpc_code!r} is not a grpc.StatusCode"
 
 
 @pytest.mark.parametrize(
@@ -302,9 +295,7 @@ def test_status_codes(exc: E.AutoGLMError, code: grpc.StatusCode) -> None:
 
 
 def test_retry_after_travels_as_trailing_metadata() -> None:
-    assert trailing_metadata(E.ServiceUnavailableError("draining", retry_after=2.4)) == (
-        ("retry-after", "2"),
-    )
+    assert trailing_metadata(E.ServiceUnavailableError("draining", retry_after=2.4)) == (("retry-after", "2"),)
     assert trailing_metadata(E.InvalidRequestError("x")) == ()
 
 
@@ -567,42 +558,12 @@ async def test_a_taken_port_is_a_config_error(engine) -> None:
 # --- against a real `autoglm serve` process, with tritonclient's default (threaded) client ------------------
 
 
-@contextlib.contextmanager
-def _autoglm_serve(log_path: Path) -> Iterator[tuple[str, str]]:
-    """(HTTP base URL, gRPC address) of an `autoglm serve` process with the demo model, stopped afterwards."""
-    http_port, grpc_port = _free_port(), _free_port()
-    cmd = [sys.executable, "-m", "openautoglm.cli.main", "serve", "--port", str(http_port)]
-    cmd += ["--grpc-port", str(grpc_port)]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{http_port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, f"autoglm serve exited:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"autoglm serve not ready:\n{log_path.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield base, f"127.0.0.1:{grpc_port}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
-def serve_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
-    """(HTTP base URL, gRPC address, model name)."""
-    with _autoglm_serve(tmp_path_factory.mktemp("serve") / "serve.log") as (base, address):
-        model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
-        yield base, address, model
+def live_server(serve_process) -> Iterator[tuple[str, str, str]]:
+    """(HTTP base URL, gRPC address, model name) of an `autoglm serve` process with the demo model."""
+    with serve_process(grpc=True) as server:
+        model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+        yield server.url, server.grpc_address, model
 
 
 def _free_blocks(base: str) -> float:
@@ -628,8 +589,8 @@ def _stream_until_final(client: SyncClient, model: str, prompt: str, params: dic
 
 
 @pytest.mark.slow
-def test_process_health_metadata_and_errors(serve_process) -> None:
-    _, address, model = serve_process
+def test_process_health_metadata_and_errors(live_server) -> None:
+    _, address, model = live_server
     client = SyncClient(address)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(model)
     assert client.get_server_metadata().name == "openautoglm"
@@ -645,8 +606,8 @@ def test_process_health_metadata_and_errors(serve_process) -> None:
 
 
 @pytest.mark.slow
-def test_process_infer_and_stream_agree(serve_process) -> None:
-    _, address, model = serve_process
+def test_process_infer_and_stream_agree(live_server) -> None:
+    _, address, model = live_server
     client = SyncClient(address)
     params = {"max_tokens": 10, "temperature": 0, "ignore_eos": True}
     whole = _text(client.infer(model, _text_input("Open-AutoGLM"), parameters=params))
@@ -662,8 +623,8 @@ def test_process_infer_and_stream_agree(serve_process) -> None:
 
 
 @pytest.mark.slow
-def test_process_stream_cancellation_frees_kv_blocks(serve_process) -> None:
-    base, address, model = serve_process
+def test_process_stream_cancellation_frees_kv_blocks(live_server) -> None:
+    base, address, model = live_server
     initial = _free_blocks(base)
     client = SyncClient(address)
     got: queue.Queue = queue.Queue()

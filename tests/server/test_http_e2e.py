@@ -11,26 +11,25 @@ from __future__ import annotations
 import base64
 import gzip
 import io
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import openai
 import orjson
 import pytest
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from conftest import ServerHandle as Server
 
 pytestmark = pytest.mark.slow
 
-START_TIMEOUT_S = 180.0
 NUM_BLOCKS = 48  # 16-token blocks: ~750 tokens of KV in all
 MAX_BODY = 65536
 MAX_DECODED = 262144
@@ -38,81 +37,15 @@ MAX_IMAGE_PIXELS = 64 * 64
 LONG = 700  # tokens: fits the tiny KV budget, takes the demo model most of a second
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """One ``autoglm serve`` process; its stdout (JSON access log) and stderr go to ``log``."""
-
-    def __init__(self, log: Path, env: dict[str, str]) -> None:
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("AUTOGLM_")}
-        autoglm = Path(sys.executable).parent / "autoglm"
-        cmd = [str(autoglm), "serve", "--host", "127.0.0.1", "--port", str(self.port), "--grpc-port", "0"]
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(cmd, env={**clean, **env}, stdout=out, stderr=subprocess.STDOUT)
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"autoglm serve exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.base}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.kill()
-        pytest.fail(f"autoglm serve not ready after {START_TIMEOUT_S}s:\n{self.log.read_text()[-4000:]}")
-
-    def metrics(self) -> dict[str, float]:
-        text = httpx.get(f"{self.base}/metrics", timeout=10).text
-        out: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                out.setdefault(s.name, 0.0)
-                out[s.name] += s.value
-        return out
-
-    def access_log(self) -> list[dict[str, Any]]:
-        lines = self.log.read_bytes().splitlines()
-        return [orjson.loads(line) for line in lines if line.startswith(b'{"event":"access"')]
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-
-    def wait(self, timeout: float = 60) -> int:
-        """The exit code of a process already told to stop (no second signal: that one would force it)."""
-        return self.proc.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(serve_process: Callable[..., Server]) -> Iterator[Server]:
     env = {
         "AUTOGLM_ENGINE__CACHE__NUM_BLOCKS": str(NUM_BLOCKS),
         "AUTOGLM_SERVER__MAX_BODY_BYTES": str(MAX_BODY),
         "AUTOGLM_SERVER__MAX_DECOMPRESSED_BYTES": str(MAX_DECODED),
         "AUTOGLM_SERVER__MEDIA__MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS),
     }
-    srv = Server(tmp_path_factory.mktemp("http-e2e") / "server.log", env)
+    srv = serve_process(env)
     try:
         yield srv
     finally:
@@ -121,12 +54,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 @pytest.fixture
 def http(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.base, timeout=60) as c:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
 
 
@@ -332,7 +265,7 @@ def test_request_id_echoed_and_logged_without_prompt(server: Server, http: httpx
 
 def test_metrics_after_traffic(server: Server, client: openai.OpenAI) -> None:
     client.completions.create(model="demo", prompt="count me", max_tokens=4)
-    text = httpx.get(f"{server.base}/metrics").text
+    text = httpx.get(f"{server.url}/metrics").text
     assert 'autoglm_requests_total{model="demo",route="/v1/completions",status="200"}' in text
     m = server.metrics()
     for name in ("e2e_request_latency", "time_to_first_token", "time_per_output_token", "request_queue_time"):
@@ -358,7 +291,7 @@ def _wait_idle(server: Server) -> dict[str, float]:
 def test_stream_disconnect_aborts_and_frees_blocks(server: Server) -> None:
     before = _wait_idle(server)
     body = {"prompt": "Tell me a long story", "max_tokens": LONG, "ignore_eos": True, "stream": True}
-    with httpx.Client(base_url=server.base, timeout=60) as c, c.stream("POST", CMPL, json=body) as s:
+    with httpx.Client(base_url=server.url, timeout=60) as c, c.stream("POST", CMPL, json=body) as s:
         lines = s.iter_lines()
         while not next(lines).startswith("data: {"):
             pass
@@ -376,7 +309,7 @@ def test_collecting_request_disconnect_aborts_too(server: Server) -> None:
     before = _wait_idle(server)
     body = {"prompt": "Tell me a long story", "max_tokens": LONG, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.base}{CMPL}", json=body, timeout=httpx.Timeout(60, read=0.15))
+        httpx.post(f"{server.url}{CMPL}", json=body, timeout=httpx.Timeout(60, read=0.15))
     after = _wait_idle(server)
     assert after["autoglm_kv_cache_free_blocks"] == before["autoglm_kv_cache_free_blocks"]
     assert after["autoglm_generation_tokens_total"] - before["autoglm_generation_tokens_total"] < LONG
@@ -388,7 +321,7 @@ def test_collecting_request_disconnect_aborts_too(server: Server) -> None:
 def test_schemathesis_finds_no_server_errors(server: Server, tmp_path: Path) -> None:
     st = Path(sys.executable).parent / "schemathesis"
     cmd = [
-        str(st), "run", f"{server.base}/openapi.json",
+        str(st), "run", f"{server.url}/openapi.json",
         "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
         "--max-examples", "15", "--workers", "1", "--seed", "7", "--request-timeout", "60",
         "--generation-database", "none", "--no-color",
@@ -400,9 +333,10 @@ def test_schemathesis_finds_no_server_errors(server: Server, tmp_path: Path) -> 
 # --- SIGTERM drain -----------------------------------------------------------------------------------------
 
 
-def _drain_server(tmp: Path, drain_timeout: float) -> Server:
+def _drain_server(serve_process: Callable[..., Server], drain_timeout: float) -> Server:
+    """A process of the test's own: SIGTERM ends it."""
     env = {"AUTOGLM_ENGINE__CACHE__NUM_BLOCKS": "512", "AUTOGLM_SERVER__DRAIN_TIMEOUT": str(drain_timeout)}
-    return Server(tmp / "drain.log", env)
+    return serve_process(env)
 
 
 def _stream_events(lines: Iterator[str]) -> list[Any]:
@@ -413,11 +347,11 @@ def _stream_events(lines: Iterator[str]) -> list[Any]:
     ]
 
 
-def test_sigterm_drain_finishes_in_flight_and_refuses_new(tmp_path: Path) -> None:
-    server = _drain_server(tmp_path, drain_timeout=60)
+def test_sigterm_drain_finishes_in_flight_and_refuses_new(serve_process: Callable[..., Server]) -> None:
+    server = _drain_server(serve_process, drain_timeout=60)
     body = {"prompt": "drain", "max_tokens": 1500, "n": 2, "ignore_eos": True, "stream": True}
     try:
-        with httpx.Client(base_url=server.base, timeout=60) as c, c.stream("POST", CMPL, json=body) as s:
+        with httpx.Client(base_url=server.url, timeout=60) as c, c.stream("POST", CMPL, json=body) as s:
             lines = s.iter_lines()
             first = next(line for line in lines if line.startswith("data: {"))
             server.proc.send_signal(signal.SIGTERM)
@@ -439,11 +373,11 @@ def test_sigterm_drain_finishes_in_flight_and_refuses_new(tmp_path: Path) -> Non
         server.kill()
 
 
-def test_drain_timeout_aborts_in_flight_with_finish_reason_abort(tmp_path: Path) -> None:
-    server = _drain_server(tmp_path, drain_timeout=0.2)
+def test_drain_timeout_aborts_in_flight_with_finish_reason_abort(serve_process: Callable[..., Server]) -> None:
+    server = _drain_server(serve_process, drain_timeout=0.2)
     body = {"prompt": "drain", "max_tokens": 1500, "ignore_eos": True, "stream": True}
     try:
-        with httpx.Client(base_url=server.base, timeout=60) as c, c.stream("POST", CMPL, json=body) as s:
+        with httpx.Client(base_url=server.url, timeout=60) as c, c.stream("POST", CMPL, json=body) as s:
             lines = s.iter_lines()
             first = next(line for line in lines if line.startswith("data: {"))
             server.proc.send_signal(signal.SIGTERM)

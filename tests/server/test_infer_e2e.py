@@ -10,13 +10,8 @@ from __future__ import annotations
 import base64
 import io
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import orjson
@@ -27,53 +22,16 @@ pytestmark = pytest.mark.slow
 
 MAX_IMAGE_BYTES = 16 * 1024
 MAX_IMAGE_PIXELS = 128 * 128
-START_TIMEOUT_S = 180.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("infer-e2e") / "server.log"
+def server(serve_process) -> Iterator[str]:
     env = {
-        **os.environ,
         "AUTOGLM_SERVER__MEDIA__MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
         "AUTOGLM_SERVER__MEDIA__MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS),
     }
-    autoglm = Path(sys.executable).parent / "autoglm"
-    cmd = [str(autoglm), "serve", "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0"]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(base, proc, log_path)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_ready(base: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"autoglm serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"autoglm serve not ready after {START_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
+    with serve_process(env) as handle:
+        yield handle.url
 
 
 @pytest.fixture(scope="module")
@@ -112,15 +70,11 @@ def test_text_envelope_matches_completions(client: httpx.Client) -> None:
     model = client.get("/v1/models").json()["data"][0]["id"]
     assert out["object"] == "infer.response" and out["model"] == model and out["id"]
     [first] = out["outputs"]
-    assert (
-        first["index"] == 0 and first["modality"] == "text" and first["finish_reason"] in ("stop", "length")
-    )
+    assert first["index"] == 0 and first["modality"] == "text" and first["finish_reason"] in ("stop", "length")
     usage = out["usage"]
     assert 1 <= usage["completion_tokens"] <= 8
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    ref = client.post(
-        "/v1/completions", json={"model": model, "prompt": "The quick brown fox", **GREEDY}
-    ).json()
+    ref = client.post("/v1/completions", json={"model": model, "prompt": "The quick brown fox", **GREEDY}).json()
     assert first["text"] == ref["choices"][0]["text"]
     assert usage["prompt_tokens"] == ref["usage"]["prompt_tokens"]
 
@@ -218,9 +172,7 @@ def test_malformed_envelope_is_400_never_422(client: httpx.Client, body: dict) -
 
 
 def test_unknown_model_is_404(client: httpx.Client) -> None:
-    assert_error(
-        client.post("/v1/infer", json={"model": "no-such-model", "inputs": [text("x")]}), 404, "model"
-    )
+    assert_error(client.post("/v1/infer", json={"model": "no-such-model", "inputs": [text("x")]}), 404, "model")
 
 
 def _metric(client: httpx.Client, name: str, label: str = "") -> float:
@@ -253,6 +205,14 @@ def test_leaving_a_stream_aborts_it_and_frees_its_blocks(server: str, client: ht
     assert _metric(client, *aborted) == aborted_before + 1
     generated = _metric(client, "autoglm_generation_tokens_total") - tokens_before
     assert generated < max_model_len // 2  # stopped early, not run to the end of the context
+
+
+def test_envelope_records_queue_time_and_first_token(client: httpx.Client) -> None:
+    names = ("autoglm_request_queue_time_seconds_count", "autoglm_time_to_first_token_seconds_count")
+    before = [_metric(client, name) for name in names]
+    resp = client.post("/v1/infer", json={"inputs": [text("Queue me")], "parameters": GREEDY})
+    assert resp.status_code == 200, resp.text
+    assert [_metric(client, name) for name in names] == [value + 1 for value in before]
 
 
 def test_server_still_serves_afterwards(client: httpx.Client) -> None:
