@@ -85,3 +85,20 @@ def test_completed_request_folds_chunks() -> None:
     assert [s.text for s in done.sequences] == ["a!", "bc"]
     assert done.sequences[1].token_ids == [2, 3] and done.prompt_token_ids == [9]
     assert done.finished and done.usage == Usage(1, 4) and done.usage.total_tokens == 5
+
+
+def test_request_output_merge_concatenates_deltas() -> None:
+    first = RequestOutput("r", [CompletionOutput(0, "a", [1], num_tokens=1)], prompt_token_ids=[9], queue_time=0.5)
+    first.merge(RequestOutput("r", [CompletionOutput(1, "x", [7], num_tokens=1)]))
+    first.merge(
+        RequestOutput(
+            "r",
+            [CompletionOutput(0, "b", [2], finish_reason=FinishReason.STOP, stop_reason="\n", num_tokens=2)],
+            finished=True,
+            usage=Usage(1, 3),
+        )
+    )
+    assert [(o.index, o.text_delta, o.token_ids_delta) for o in first.outputs] == [(0, "ab", [1, 2]), (1, "x", [7])]
+    assert first.outputs[0].finish_reason is FinishReason.STOP and first.outputs[0].stop_reason == "\n"
+    assert first.finished and first.usage == Usage(1, 3)
+    assert first.prompt_token_ids == [9] and first.queue_time == 0.5

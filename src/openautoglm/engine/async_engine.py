@@ -92,15 +92,26 @@ class AsyncEngine:
         self._in_flight.add(rid)
         self._inbox.put(_Add(processed, (asyncio.get_running_loop(), chunks)))
         finished = False
+        pending: BaseException | None = None
         try:
             while True:
                 item = await chunks.get()
                 if isinstance(item, BaseException):
                     raise item
+                # A consumer that fell behind gets what piled up as one chunk: fewer, larger deltas under load
+                # instead of a backlog that costs per-chunk overhead in every transport.
+                while not item.finished and not chunks.empty():
+                    more = chunks.get_nowait()
+                    if isinstance(more, BaseException):
+                        pending = more
+                        break
+                    item.merge(more)
                 finished = item.finished
                 yield item
                 if finished:
                     return
+                if pending is not None:
+                    raise pending
         finally:
             self._in_flight.discard(rid)
             if not finished:

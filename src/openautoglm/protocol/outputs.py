@@ -61,6 +61,25 @@ class RequestOutput:
     error: str | None = None  # with FinishReason.ERROR: what went wrong
     queue_time: float | None = None  # first chunk only: seconds from arrival in the engine to first scheduling
 
+    def merge(self, later: RequestOutput) -> None:
+        """Fold the next chunk of the same request into this one (deltas concatenate, the later status wins)."""
+        by_index = {o.index: o for o in self.outputs}
+        for out in later.outputs:
+            if out.index in by_index:
+                _merge_completion(by_index[out.index], out)
+            else:
+                self.outputs.append(out)
+                by_index[out.index] = out
+        self.finished, self.usage, self.error = later.finished, later.usage, later.error
+
+
+def _merge_completion(into: CompletionOutput, later: CompletionOutput) -> None:
+    into.text_delta += later.text_delta
+    into.token_ids_delta.extend(later.token_ids_delta)
+    if later.logprobs_delta is not None:
+        into.logprobs_delta = (into.logprobs_delta or []) + later.logprobs_delta
+    into.finish_reason, into.stop_reason, into.num_tokens = later.finish_reason, later.stop_reason, later.num_tokens
+
 
 @dataclass(slots=True)
 class CompletedSequence:
