@@ -98,15 +98,29 @@ def free_port() -> int:
 class ServerHandle:
     """One ``autoglm serve`` process on loopback ports; its stdout (JSON access log) and stderr go to ``log``."""
 
-    def __init__(self, log: Path, env: dict[str, str], args: Sequence[str], grpc: bool) -> None:
+    def __init__(
+        self,
+        log: Path,
+        env: dict[str, str],
+        args: Sequence[str],
+        grpc: bool,
+        auth: bool = False,
+        https: bool = False,
+        httpx_options: dict[str, Any] | None = None,
+    ) -> None:
         self.port = free_port()
         self.grpc_port = free_port() if grpc else None
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if https else 'http'}://127.0.0.1:{self.port}"
         self.log = log
+        self.httpx_options = httpx_options or {}
         cmd = [sys.executable, "-m", "openautoglm.cli.main", "serve", "--host", "127.0.0.1"]
         cmd += ["--port", str(self.port), "--grpc-port", str(self.grpc_port or 0), *args]
-        # Only the test's own settings: an AUTOGLM_* variable of the user's shell must not change the server.
+        if not auth:  # tests of serving itself run unauthenticated on loopback; tests/gateway/ test auth
+            cmd.append("--no-auth")
+        # Only the test's own settings: an AUTOGLM_* variable of the user's shell must not change the server;
+        # its store (keys, audit, server secret) lives next to its log unless the test says otherwise.
         clean = {k: v for k, v in os.environ.items() if not k.startswith("AUTOGLM_")}
+        env = {"AUTOGLM_STORE__DATA_DIR": str(log.parent / "data"), **env}
         with log.open("wb") as out:
             self.proc = subprocess.Popen(cmd, env={**clean, **env}, stdout=out, stderr=subprocess.STDOUT)
 
@@ -121,7 +135,7 @@ class ServerHandle:
             if self.proc.poll() is not None:
                 pytest.fail(f"autoglm serve exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/ready", timeout=2, **self.httpx_options).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -132,7 +146,8 @@ class ServerHandle:
     def metrics(self) -> dict[str, float]:
         """Every /metrics series summed over its labels."""
         out: dict[str, float] = {}
-        for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics", timeout=10).text):
+        text = httpx.get(f"{self.url}/metrics", timeout=10, **self.httpx_options).text
+        for family in text_string_to_metric_families(text):
             for s in family.samples:
                 out[s.name] = out.get(s.name, 0.0) + s.value
         return out
@@ -169,14 +184,24 @@ class ServerHandle:
 
 @pytest.fixture(scope="session")
 def serve_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerHandle]]:
-    """``start(env=None, args=(), *, grpc=False)``: a ready ``autoglm serve`` (demo model unless ``args`` or
-    ``env`` say otherwise) with its log under the session's temp dir. Stop it when done (``stop()`` or a
-    ``with`` block); whatever still runs at the end of the session is stopped then."""
+    """``start(env=None, args=(), *, grpc=False, auth=False, https=False, httpx_options=None)``: a ready
+    ``autoglm serve`` (demo model unless ``args`` or ``env`` say otherwise) with its log under the session's
+    temp dir; ``auth=False`` serves with ``--no-auth``; ``httpx_options`` (verify, cert…) reach its readiness
+    probe. Stop it when done (``stop()`` or a ``with`` block); whatever still runs at the end of the session is
+    stopped then."""
     started: list[ServerHandle] = []
 
-    def start(env: dict[str, str] | None = None, args: Sequence[str] = (), *, grpc: bool = False) -> ServerHandle:
+    def start(
+        env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
+        *,
+        grpc: bool = False,
+        auth: bool = False,
+        https: bool = False,
+        httpx_options: dict[str, Any] | None = None,
+    ) -> ServerHandle:
         log = tmp_path_factory.mktemp("serve") / "server.log"
-        handle = ServerHandle(log, env or {}, args, grpc)
+        handle = ServerHandle(log, env or {}, args, grpc, auth, https, httpx_options)
         started.append(handle)
         handle.wait_ready()
         return handle

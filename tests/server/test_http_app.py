@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,9 +29,16 @@ def engine() -> Iterator[AsyncEngine]:
     asyncio.run(eng.shutdown())
 
 
+def unauthenticated(data_dir: Path, **extra: Any) -> Settings:
+    """Settings for serving tests: authentication off (tests/gateway/ cover it), the store in ``data_dir``."""
+    return Settings.model_validate(
+        {"gateway": {"auth": {"required": False}}, "store": {"data_dir": str(data_dir)}, **extra}
+    )
+
+
 @pytest.fixture
-def app(engine: AsyncEngine) -> FastAPI:
-    return create_app(Settings(), engine)
+def app(engine: AsyncEngine, tmp_path: Path) -> FastAPI:
+    return create_app(unauthenticated(tmp_path), engine)
 
 
 @pytest.fixture
@@ -137,10 +145,10 @@ async def test_openapi_documents_the_bodies_and_resolves_every_ref(app: FastAPI,
     assert "messages" in schemas["ChatCompletionRequest"]["required"]
 
 
-async def test_cors_is_off_by_default_and_configurable(engine: AsyncEngine) -> None:
+async def test_cors_is_off_by_default_and_configurable(engine: AsyncEngine, tmp_path: Path) -> None:
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
     for origins, allowed in (([], False), (["https://app.example"], True)):
-        settings = Settings.model_validate({"server": {"cors": {"allow_origins": origins}}})
+        settings = unauthenticated(tmp_path, server={"cors": {"allow_origins": origins}})
         transport = httpx.ASGITransport(app=create_app(settings, engine))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
             r = await c.options("/v1/chat/completions", headers=preflight)

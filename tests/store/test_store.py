@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from datetime import datetime, timedelta, timezone
 
@@ -63,7 +64,7 @@ def test_audit_chain_links_and_verifies(db: Database) -> None:
     records = list(log.iter_all(batch=2))
     assert [r.seq for r in records] == [1, 2, 3, 4, 5]
     assert records[0].prev_hash == GENESIS
-    assert all(b.prev_hash == a.hash for a, b in zip(records, records[1:], strict=False))
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(records))
     report = log.verify(batch=2)
     assert report.ok and report.checked == 5
 

@@ -21,6 +21,10 @@ def serve(
     grpc_port: Annotated[
         int | None, typer.Option("--grpc-port", help="KServe v2 gRPC port (default 8001; 0 turns gRPC off)")
     ] = None,
+    no_auth: Annotated[
+        bool,
+        typer.Option("--no-auth", help="Serve without authentication (loopback addresses only; prints a warning)"),
+    ] = False,
 ) -> None:
     """Serve a GLM model: OpenAI-compatible HTTP API, /v1/infer, KServe v2 gRPC, health and metrics.
 
@@ -30,6 +34,8 @@ def serve(
     from openautoglm.server.serve import run_server  # the server stack loads only for this command
 
     settings = build_settings(config, {"model": model}, server={"host": host, "port": port, "grpc_port": grpc_port})
+    if no_auth:
+        settings.gateway.auth.required = False
     raise typer.Exit(run_server(settings))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import ipaddress
 import logging
 import signal
 import sys
@@ -24,9 +25,11 @@ from rich.console import Console
 import openautoglm
 from openautoglm.config.settings import DEMO_MODEL, Settings
 from openautoglm.engine.async_engine import AsyncEngine
+from openautoglm.protocol.errors import ConfigError
 from openautoglm.server.grpc import start_grpc_server
 from openautoglm.server.http.app import create_app
 from openautoglm.server.http.state import ServerState
+from openautoglm.server.tls import grpc_credentials, uvicorn_ssl_options, with_client_certificates
 
 logger = logging.getLogger("openautoglm.server")
 _ABORT_GRACE_S = 5.0  # after aborting, how long aborted requests get to send their last chunk
@@ -36,6 +39,7 @@ def run_server(settings: Settings) -> int:
     """Serve until a signal drains the server; the exit code (0 after a clean drain)."""
     configure_logging()
     console = Console(stderr=True, soft_wrap=True)  # a log file has no width: never wrap lines
+    check_auth_settings(settings, console)
     model = settings.engine.model.model
     started = time.perf_counter()
     with console.status(f"Open-AutoGLM: loading model [bold]{model}[/bold] …"):
@@ -43,6 +47,21 @@ def run_server(settings: Settings) -> int:
     console.print(f"Model [bold]{engine.model_name}[/bold] loaded in {time.perf_counter() - started:.1f} s")
     app = create_app(settings, engine)
     return _run_loop(_serve(settings, engine, app, console))
+
+
+def check_auth_settings(settings: Settings, console: Console) -> None:
+    """Authentication may be off only on loopback, and never quietly."""
+    if settings.gateway.auth.required:
+        return
+    if not is_loopback(settings.server.host):
+        raise ConfigError(
+            f"--no-auth (gateway.auth.required=false) is allowed only on a loopback address, not on "
+            f"{settings.server.host}: anyone who can reach the port could use the model and the admin API"
+        )
+    console.print(
+        "[bold yellow]Warning:[/bold yellow] authentication is OFF (--no-auth): every local process can use "
+        "this server and its admin API."
+    )
 
 
 def configure_logging() -> None:
@@ -84,18 +103,24 @@ async def _serve(settings: Settings, engine: AsyncEngine, app: Any, console: Con
             app,
             host=cfg.host,
             port=cfg.port,
-            http="httptools" if importlib.util.find_spec("httptools") else "h11",
+            http=with_client_certificates(_http_protocol()),
             lifespan="off",
             log_config=None,
             access_log=False,  # ours is structured (middleware.py)
             server_header=False,
             timeout_graceful_shutdown=_ABORT_GRACE_S,
+            **uvicorn_ssl_options(settings.gateway.tls),
         )
     )
     grpc_server = None
     if cfg.grpc_port:
         grpc_server = await start_grpc_server(
-            engine, cfg.host, cfg.grpc_port, is_ready=lambda: engine.is_healthy() and not state.draining
+            engine,
+            cfg.host,
+            cfg.grpc_port,
+            is_ready=lambda: engine.is_healthy() and not state.draining,
+            gateway=app.state.gateway,
+            credentials=grpc_credentials(settings.gateway.tls),
         )
     serving = asyncio.create_task(_uvicorn(server))
     drain = _Drain(settings, engine, state, server, grpc_server)
@@ -113,6 +138,7 @@ async def _serve(settings: Settings, engine: AsyncEngine, app: Any, console: Con
             loop.remove_signal_handler(sig)
         if grpc_server is not None:
             await grpc_server.stop(0)
+        await app.state.gateway.close()
         await engine.shutdown()
     if not server.started:
         console.print(f"[red]Open-AutoGLM could not listen on {cfg.host}:{cfg.port}[/red] (see the log above)")
@@ -189,6 +215,25 @@ class _Drain:
         return len(ids)
 
 
+def _http_protocol() -> type:
+    if importlib.util.find_spec("httptools"):
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        return HttpToolsProtocol
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    return H11Protocol
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _bound_port(server: uvicorn.Server, configured: int) -> int:
     for srv in getattr(server, "servers", []):
         for sock in srv.sockets:
@@ -198,7 +243,7 @@ def _bound_port(server: uvicorn.Server, configured: int) -> int:
 
 def _banner(console: Console, settings: Settings, engine: AsyncEngine, port: int) -> None:
     cfg = settings.server
-    base = f"http://{cfg.host}:{port}"
+    base = f"{'https' if settings.gateway.tls.enabled else 'http'}://{cfg.host}:{port}"
     modalities = ", ".join(sorted(engine.modalities))
     console.print(
         f"\n[bold]Open-AutoGLM {openautoglm.__version__}[/bold] serving [bold]{engine.model_name}[/bold] "

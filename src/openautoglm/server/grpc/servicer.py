@@ -14,6 +14,7 @@ import grpc
 import openautoglm
 from openautoglm.protocol.errors import AutoGLMError, ConfigError, EngineError, ServiceUnavailableError
 from openautoglm.protocol.outputs import FinishReason, RequestOutput, Usage
+from openautoglm.server.grpc.auth import AuthInterceptor
 from openautoglm.server.grpc.convert import (
     FINAL_RESPONSE,
     MODEL_VERSION,
@@ -31,6 +32,7 @@ from openautoglm.server.grpc.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from openautoglm.engine.async_engine import AsyncEngine
+    from openautoglm.gateway.service import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +95,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=openautoglm.__version__, extensions=EXTENSIONS
-        )
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=openautoglm.__version__, extensions=EXTENSIONS)
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
@@ -116,12 +116,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _parse(self, request: pb.ModelInferRequest) -> InferCall:
         if not self._is_ready():
-            raise ServiceUnavailableError(
-                "the server is not ready (loading or draining); retry later", retry_after=1
-            )
-        return parse_infer_request(
-            request, served_model=self._engine.model_name, request_id=f"grpc-{uuid.uuid4().hex}"
-        )
+            raise ServiceUnavailableError("the server is not ready (loading or draining); retry later", retry_after=1)
+        return parse_infer_request(request, served_model=self._engine.model_name, request_id=f"grpc-{uuid.uuid4().hex}")
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
@@ -232,19 +228,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 async def start_grpc_server(
-    engine: AsyncEngine, host: str, port: int, *, is_ready: Callable[[], bool] | None = None
+    engine: AsyncEngine,
+    host: str,
+    port: int,
+    *,
+    is_ready: Callable[[], bool] | None = None,
+    gateway: Gateway | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> grpc.aio.Server:
     """Start the KServe v2 gRPC service for ``engine`` on host:port and return the listening server.
 
     ``is_ready`` (default: ``engine.is_healthy``) drives ServerReady and ModelReady; while it is false,
-    inference calls fail with UNAVAILABLE. Stop the server with ``await server.stop(grace)``.
+    inference calls fail with UNAVAILABLE. ``gateway`` runs its policies (auth, scopes) before every method;
+    without one the service is unprotected (``autoglm serve`` always passes one). ``credentials`` (see
+    server/tls.py) serve TLS instead of plaintext. Stop the server with ``await server.stop(grace)``.
     """
+    interceptors = [] if gateway is None else [AuthInterceptor(gateway)]
     # so_reuseport off: a second server on a port already taken must fail, not silently share it.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, is_ready), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if credentials is not None:
+            bound = server.add_secure_port(address, credentials)
+        else:
+            bound = server.add_insecure_port(address)
     except RuntimeError as exc:
         raise ConfigError(f"cannot listen for gRPC on {address}: {exc}") from exc
     if bound == 0:

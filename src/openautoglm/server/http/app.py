@@ -12,6 +12,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 import openautoglm
 from openautoglm.config.settings import Settings
+from openautoglm.gateway.service import Gateway
 from openautoglm.protocol.multimodal import InferRequest
 from openautoglm.protocol.openai import (
     ChatCompletionChunk,
@@ -20,7 +21,8 @@ from openautoglm.protocol.openai import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from openautoglm.server.http import health, metrics, openai
+from openautoglm.server.http import admin, health, metrics, openai
+from openautoglm.server.http.auth import AuthMiddleware, check_scope_table
 from openautoglm.server.http.errors import install_error_handlers
 from openautoglm.server.http.infer import router as infer_router
 from openautoglm.server.http.metrics import ServerMetrics
@@ -44,9 +46,10 @@ _BODY_MODELS: tuple[type[BaseModel], ...] = (
 )
 
 
-def create_app(settings: Settings, engine: Any) -> FastAPI:
+def create_app(settings: Settings, engine: Any, gateway: Gateway | None = None) -> FastAPI:
     """An app serving ``engine`` (an AsyncEngine, already loaded). ``app.state`` holds settings, engine,
-    server_state (drain, in-flight) and metrics for the routers and for serve.py."""
+    server_state (drain, in-flight), metrics and the gateway (built from ``settings`` unless given: auth, keys,
+    audit) for the routers and for serve.py."""
     cfg = settings.server
     state = ServerState()
     app = FastAPI(
@@ -62,9 +65,13 @@ def create_app(settings: Settings, engine: Any) -> FastAPI:
     app.state.metrics = ServerMetrics(engine.stats, engine.model_name, state)
     app.state.started_at = int(time.time())
     install_error_handlers(app)
-    for router in (health.router, metrics.router, openai.router, infer_router):
+    app.state.gateway = gateway if gateway is not None else Gateway(settings)
+    for router in (health.router, metrics.router, openai.router, infer_router, admin.router):
         app.include_router(router)
-    # add_middleware wraps from the inside out: the last one added runs first.
+    check_scope_table(app)  # a route without a scope would be unprotected: refuse to start instead
+    # add_middleware wraps from the inside out: the last one added runs first. Auth runs innermost, so its
+    # refusals still get request ids, access-log lines, CORS headers and drain handling.
+    app.add_middleware(AuthMiddleware, fastapi_app=app, gateway=app.state.gateway)
     app.add_middleware(
         RequestBodyMiddleware,
         max_body_bytes=cfg.max_body_bytes,
