@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from openautoglm.cli import bench, generate, serve
+from openautoglm.cli import audit, bench, generate, keys, serve
 
 app = typer.Typer(
     name="autoglm",
@@ -16,6 +16,8 @@ app = typer.Typer(
 generate.register(app)
 bench.register(app)
 serve.register(app)
+keys.register(app)
+audit.register(app)
 
 if __name__ == "__main__":
     app()
