@@ -28,6 +28,8 @@ db = _store.db
 redis_url = _store.redis_url
 redis_prefix = _store.redis_prefix
 service_missing = _store.service_missing
+postgres_schema = _store.postgres_schema
+redis_namespace = _store.redis_namespace
 
 SERVER_SECRET = "test-server-secret-" + "0123456789abcdef" * 3
 

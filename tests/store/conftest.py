@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,12 @@ def postgres_url() -> str:
 @pytest.fixture
 def postgres_schema_url(postgres_url: str) -> Iterator[str]:
     """A SQLAlchemy URL whose connections use a fresh schema, dropped afterwards."""
+    with postgres_schema(postgres_url) as url:
+        yield url
+
+
+@contextmanager
+def postgres_schema(postgres_url: str) -> Iterator[str]:
     import psycopg
 
     schema = f"autoglm_test_{uuid.uuid4().hex[:12]}"
@@ -81,6 +88,12 @@ def redis_url() -> str:
 @pytest.fixture
 def redis_prefix(redis_url: str) -> Iterator[str]:
     """A key prefix of this test's own; every key under it is deleted afterwards."""
+    with redis_namespace(redis_url) as prefix:
+        yield prefix
+
+
+@contextmanager
+def redis_namespace(redis_url: str) -> Iterator[str]:
     import redis
 
     prefix = f"autoglm-test:{uuid.uuid4().hex[:12]}:"

@@ -19,6 +19,7 @@ from openautoglm.config.store import StoreConfig
 from openautoglm.protocol.errors import ConfigError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+_MIGRATION_LOCK = 0x41474C4D  # "AGLM": the advisory lock id serialising migrations on PostgreSQL
 
 
 class Database:
@@ -56,6 +57,9 @@ class Database:
         cfg.set_main_option("script_location", str(MIGRATIONS))
         try:
             with self.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    # Replicas starting together migrate one at a time (released at commit).
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
             return self.revision() or ""
