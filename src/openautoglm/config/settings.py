@@ -63,7 +63,11 @@ class EngineConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    attention_backend: Literal["auto", "reference"] = "auto"
+    attention_backend: Literal["auto", "reference", "triton"] = "auto"
+    enforce_eager: bool = Field(False, description="Never capture CUDA graphs (decode runs eagerly)")
+    cuda_graph_max_batch: int = Field(
+        256, ge=1, description="Largest decode batch captured as a CUDA graph (capped at scheduler.max_num_seqs)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from openautoglm.config.settings import EngineConfig, ModelConfig
-from openautoglm.engine.attention.reference import ReferenceAttentionBackend
+from openautoglm.engine.attention.selector import select_backend
 from openautoglm.engine.input_processor import InputProcessor, ProcessedRequest
 from openautoglm.engine.kv_cache import KVCacheManager
 from openautoglm.engine.loader import load_model
@@ -92,8 +92,15 @@ class EngineCore:
         num_blocks = self._num_blocks(block_size)
         self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.max_model_len)
-        backend = ReferenceAttentionBackend()
-        self.runner = ModelRunner(loaded.model, self.arch, backend, num_blocks, block_size, self.device, self.dtype)
+        backend = select_backend(config, self.device, self.dtype)
+        self.runner = ModelRunner(
+            loaded.model, self.arch, backend, num_blocks, block_size, self.device, self.dtype,
+            max_num_seqs=config.scheduler.max_num_seqs,
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+        )  # fmt: skip
+        if self.device.type == "cuda" and backend.name == "triton" and not config.enforce_eager:
+            self.runner.capture_graphs(min(config.cuda_graph_max_batch, config.scheduler.max_num_seqs))
         self.sampler = Sampler(self.arch.vocab_size)
         self.input_processor = InputProcessor(
             self.tokenizer,
@@ -105,13 +112,16 @@ class EngineCore:
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.arch.eos_token_ids)
         self._groups: dict[str, _Group] = {}
         self._seqs: dict[str, _SeqState] = {}
+        # On a GPU a step's sampled tokens are detokenized and reported during the next step's GPU work.
+        self._overlap = self.device.type == "cuda"
+        self._pending: list[tuple[Request, int, SampledLogprobs | None]] = []
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._num_steps = 0
         logger.info(
-            "Open-AutoGLM engine ready: %s (%s) on %s/%s, max_model_len %d, %d KV blocks of %d tokens",
+            "Open-AutoGLM engine ready: %s (%s) on %s/%s, max_model_len %d, %d KV blocks of %d tokens, %s attention",
             self.model_name, self.arch.architecture, self.device, str(self.dtype).removeprefix("torch."),
-            self.max_model_len, num_blocks, block_size,
+            self.max_model_len, num_blocks, block_size, backend.name,
         )  # fmt: skip
 
     # ---- set-up -------------------------------------------------------------------------------------------
@@ -185,6 +195,7 @@ class EngineCore:
 
     def abort(self, request_ids: Iterable[str]) -> list[RequestOutput]:
         out = _StepOutputs()
+        self._emit_pending(out)  # report what was sampled before aborting
         seq_ids = [s.request_id for rid in request_ids if (g := self._groups.get(rid)) for s in g.seqs]
         for seq in self.scheduler.abort_requests(seq_ids):
             self._finish(seq, FinishReason.ABORT, None, "", out)
@@ -196,6 +207,8 @@ class EngineCore:
     # ---- the step -----------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self._overlap:
+            return self._step_overlapped()
         sched = self.scheduler.schedule()
         self._num_steps += 1
         out = _StepOutputs()
@@ -233,12 +246,61 @@ class EngineCore:
             results.append((req, res.token_ids[0], res.logprobs[0]))
         return results
 
-    def _append_token(self, req: Request, token: int, lp: SampledLogprobs | None, out: _StepOutputs) -> None:
-        state = self._seqs[req.request_id]
+    def _step_overlapped(self) -> list[RequestOutput]:
+        """The step with its CPU tail overlapped: schedule, launch the model, then (while the GPU computes)
+        detokenize and report the previous step's tokens, then sample. A request that a stop string ends at
+        the previous token has already been scheduled once more; the token computed for it is dropped (its
+        blocks are freed only after this step's GPU work, which the sampling waits for)."""
+        sched = self.scheduler.schedule()
+        self._num_steps += 1
+        out = _StepOutputs()
+        for seq in sched.finished_by_scheduler:
+            self._finish(seq, seq.finish_reason or FinishReason.LENGTH, None, "", out, notify_scheduler=False)
+        launched: tuple[list[Request], torch.Tensor] | None = None
+        if sched.scheduled:
+            try:
+                launched = self.runner.execute(sched.scheduled)
+            except Exception as exc:
+                logger.exception(
+                    "Open-AutoGLM engine: model step failed; failing its %d requests", len(sched.scheduled)
+                )
+                for s in sched.scheduled:
+                    self._fail(s.request, exc, out)
+        self._emit_pending(out)
+        if launched is not None and launched[0]:
+            for req, token, lp in self._sample(launched[1], launched[0], out):
+                if req.request_id in self._seqs and not req.is_finished:
+                    self._accept(req, token)
+                    self._pending.append((req, token, lp))
+                    self._finish_early(req, token)
+        return self._collect(out)
+
+    def _finish_early(self, req: Request, token: int) -> None:
+        """Stop conditions that need no text (stop ids, EOS, lengths) end the request in the scheduler now, so
+        it is not scheduled again; its output is reported with the token, next step."""
+        reason, stop = self._stop_check(req, self._seqs[req.request_id], token, None)
+        if reason is not None:
+            self.scheduler.finish_request(req, reason, stop)
+
+    def _emit_pending(self, out: _StepOutputs) -> None:
+        pending, self._pending = self._pending, []
+        for req, token, lp in pending:
+            if req.request_id in self._seqs:  # else aborted or failed meanwhile
+                self._emit(req, token, lp, out)
+
+    def _accept(self, req: Request, token: int) -> None:
         req.output_token_ids.append(token)
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         self._generation_tokens += 1
+
+    def _append_token(self, req: Request, token: int, lp: SampledLogprobs | None, out: _StepOutputs) -> None:
+        self._accept(req, token)
+        self._emit(req, token, lp, out)
+
+    def _emit(self, req: Request, token: int, lp: SampledLogprobs | None, out: _StepOutputs) -> None:
+        """Detokenize an accepted token, check the stop conditions and report it."""
+        state = self._seqs[req.request_id]
         try:
             delta = state.detok.step([token])
             logprobs = [self._logprob(lp)] if state.want_logprobs and lp is not None else None
@@ -247,6 +309,8 @@ class EngineCore:
             return
         reason, stop = self._stop_check(req, state, token, delta.stop_str)
         if reason is not None:
+            if req.is_finished:  # ended early by the same token; a stop string takes precedence
+                req.finish_reason, req.stop_reason = reason, stop
             text = delta.text if delta.stop_str is not None else delta.text + state.detok.flush()
             self._finish(req, reason, stop, text, out, token_ids=[token], logprobs=logprobs)
             return

@@ -1,20 +1,43 @@
 """ModelRunner: turns a scheduled step into batch tensors and attention metadata, runs the model, and returns the
-logits of the sequences that sample this step. It owns the KV cache tensors; it decides nothing."""
+logits of the sequences that sample this step. It owns the KV cache tensors; it decides nothing.
+
+On the CPU every step builds fresh tensors (``build_metadata``). On a GPU the step's inputs are written into
+pinned host buffers (two sets, used in turn, so filling one never races the copy out of the other) and go to
+persistent device buffers in two asynchronous copies; nothing here waits for the GPU. Decode-only steps of up
+to ``cuda_graph_max_batch`` sequences replay a CUDA graph captured for the next larger bucket size; the padding
+rows compute a dummy token against the reserved null block and are dropped.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
-from openautoglm.engine.attention.base import AttentionBackend, ForwardContext
+from openautoglm.engine.attention.base import AttentionBackend, AttentionMetadata, ForwardContext
 from openautoglm.engine.attention.reference import build_metadata
+from openautoglm.engine.kv_cache import NULL_BLOCK_ID
 from openautoglm.engine.models.base import CausalLM, ModelArchConfig
 from openautoglm.engine.request import Request
 from openautoglm.engine.scheduler import ScheduledRequest
+from openautoglm.protocol.errors import InternalError
+
+logger = logging.getLogger(__name__)
 
 
 def kv_cache_bytes_per_block(arch: ModelArchConfig, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * block_size * arch.num_key_value_heads * arch.head_dim * elem * arch.num_hidden_layers
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """Decode batch sizes captured as CUDA graphs: 1, 2, 4, 8, then every multiple of 16, up to max_batch."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
+    return [*sizes, max_batch]
 
 
 class ModelRunner:
@@ -27,6 +50,11 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         dtype: torch.dtype,
+        *,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+        persistent_inputs: bool | None = None,
     ) -> None:
         self.model = model
         self.backend = backend
@@ -36,10 +64,24 @@ class ModelRunner:
         # Zeroed, not empty: masked-out slots still enter the reference backend's matmuls, and garbage NaNs there
         # would poison the sums even with zero weight.
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_hidden_layers)]
+        self._inputs: _DeviceInputs | None = None
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.num_graph_replays = 0
+        self.use_graphs = True  # benchmarks switch it off to time eager decode on the same engine
+        if device.type == "cuda" if persistent_inputs is None else persistent_inputs:
+            max_len = max_model_len or arch.max_position_embeddings
+            max_tokens = max(max_num_batched_tokens, max_num_seqs)
+            self._inputs = _DeviceInputs(max_tokens, max_num_seqs, math.ceil(max_len / block_size), device)
+
+    @property
+    def graph_batch_sizes(self) -> list[int]:
+        return sorted(self._graphs)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> tuple[list[Request], torch.Tensor]:
         """Run one step; return the requests that sample now and their logits rows [len, vocab] (float32)."""
+        if self._inputs is not None:
+            return self._execute_device(scheduled, self._inputs)
         input_ids: list[int] = []
         query_lens: list[int] = []
         context_lens: list[int] = []
@@ -48,12 +90,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         for s in scheduled:
             req, start, n = s.request, s.start, s.num_new_tokens
-            if n == 1:
-                input_ids.append(req.token_id_at(start))
-            elif start + n <= req.num_prompt_tokens:
-                input_ids.extend(req.prompt_token_ids[start : start + n])
-            else:
-                input_ids.extend(req.all_token_ids[start : start + n])
+            input_ids.extend(_new_token_ids(req, start, n))
             query_lens.append(n)
             context_lens.append(start)
             block_tables.append(s.block_ids)
@@ -77,3 +114,242 @@ class ModelRunner:
         starts = torch.cumsum(q, 0) - q  # offset of each sequence's first new token in the batch
         shift = torch.repeat_interleave(torch.tensor(context_lens, dtype=torch.long) - starts, q)
         return (torch.arange(num_tokens, dtype=torch.long) + shift).to(self.device)
+
+    # ---- the GPU path ---------------------------------------------------------------------------------------
+
+    def _execute_device(
+        self, scheduled: list[ScheduledRequest], inputs: _DeviceInputs
+    ) -> tuple[list[Request], torch.Tensor]:
+        n = len(scheduled)
+        graph_bs = self._graph_size(scheduled)
+        step = inputs.fill(scheduled, self.block_size, pad_to=graph_bs or n)
+        ns = len(step.samplers)
+        if graph_bs:
+            graph, logits = self._graphs[graph_bs]
+            graph.replay()
+            self.num_graph_replays += 1
+        else:
+            md = inputs.metadata(step)
+            ctx = ForwardContext(metadata=md, kv_caches=self.kv_caches, backend=self.backend)
+            t = step.num_tokens
+            hidden = self.model.forward(inputs.ids[:t], inputs.positions[:t], ctx)
+            if not ns:
+                return [], hidden.new_empty((0, 0), dtype=torch.float32)
+            if not step.rows_are_prefix:
+                hidden = hidden.index_select(0, inputs.sample_rows[:ns])
+            return step.samplers, self.model.compute_logits(hidden[:ns])
+        if not ns:
+            return [], logits.new_empty((0, 0))
+        if step.rows_are_prefix:
+            return step.samplers, logits[:ns]
+        return step.samplers, logits.index_select(0, inputs.sample_rows[:ns])
+
+    def _graph_size(self, scheduled: list[ScheduledRequest]) -> int:
+        """The captured batch size this step replays, or 0 to run eagerly."""
+        n = len(scheduled)
+        if (
+            not self.use_graphs
+            or not self._graphs
+            or n > max(self._graphs)
+            or any(s.num_new_tokens != 1 for s in scheduled)
+        ):
+            return 0
+        return next(b for b in sorted(self._graphs) if b >= n)
+
+    @torch.inference_mode()
+    def capture_graphs(self, max_batch: int) -> None:
+        """Capture decode steps of every bucket size up to ``max_batch`` (largest first, sharing one pool)."""
+        inputs = self._inputs
+        if inputs is None:
+            raise InternalError("CUDA graphs need a CUDA device; this runner runs on " + str(self.device))
+        sizes = graph_batch_sizes(min(max_batch, inputs.max_seqs))
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        inputs.fill_dummy_decode(max(sizes))
+        for bs in reversed(sizes):
+            md = inputs.decode_metadata(bs)
+            ctx = ForwardContext(metadata=md, kv_caches=self.kv_caches, backend=self.backend)
+            for _ in range(2):  # compile the kernels and settle the allocator outside the capture
+                self._decode_logits(bs, ctx)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._decode_logits(bs, ctx)
+            self._graphs[bs] = (graph, logits)
+        torch.cuda.synchronize(self.device)
+        logger.info(
+            "Open-AutoGLM: captured %d decode CUDA graphs (batch 1..%d) in %.1f s",
+            len(sizes), max(sizes), time.perf_counter() - start,
+        )  # fmt: skip
+
+    def _decode_logits(self, bs: int, ctx: ForwardContext) -> torch.Tensor:
+        inputs = self._inputs
+        assert inputs is not None
+        hidden = self.model.forward(inputs.ids[:bs], inputs.positions[:bs], ctx)
+        return self.model.compute_logits(hidden)
+
+
+def _new_token_ids(req: Request, start: int, n: int) -> list[int]:
+    if n == 1:
+        return [req.token_id_at(start)]
+    if start + n <= req.num_prompt_tokens:
+        return req.prompt_token_ids[start : start + n]
+    return req.all_token_ids[start : start + n]
+
+
+@dataclass(slots=True)
+class _Step:
+    num_seqs: int
+    num_tokens: int
+    num_decodes: int
+    max_query_len: int
+    max_seq_len: int
+    query_lens: list[int]
+    seq_lens: list[int]
+    samplers: list[Request]
+    rows_are_prefix: bool  # the sampling rows are 0..len-1 (every decode samples): no gather needed
+
+
+class _Staging:
+    """One set of pinned host buffers, laid out exactly like the device buffers they are copied into."""
+
+    def __init__(self, n64: int, n32: int, device: torch.device) -> None:
+        pinned = device.type == "cuda"
+        self.host64 = torch.zeros(n64, dtype=torch.int64, pin_memory=pinned)
+        self.host32 = torch.zeros(n32, dtype=torch.int32, pin_memory=pinned)
+        self.np64 = self.host64.numpy()
+        self.np32 = self.host32.numpy()
+        self.copied = torch.cuda.Event() if pinned else None
+        self.used = False
+
+
+class _DeviceInputs:
+    """Persistent device buffers for one step's inputs (CUDA graphs read them in place) and their staging.
+
+    int64: [input ids | positions | slot mapping] of max_tokens each, then [sample rows] of max_seqs.
+    int32: [query_start_loc] of max_seqs + 1, [seq_lens] of max_seqs, then block tables [max_seqs, width].
+    """
+
+    def __init__(self, max_tokens: int, max_seqs: int, width: int, device: torch.device) -> None:
+        self.max_tokens, self.max_seqs, self.width = max_tokens, max_seqs, width
+        t, s = max_tokens, max_seqs
+        n64, self._o32_tables = 3 * t + s, 2 * s + 1
+        n32 = self._o32_tables + s * width
+        self.dev64 = torch.zeros(n64, dtype=torch.int64, device=device)
+        self.dev32 = torch.zeros(n32, dtype=torch.int32, device=device)
+        self.ids, self.positions, self.slots = self.dev64[:t], self.dev64[t : 2 * t], self.dev64[2 * t : 3 * t]
+        self.sample_rows = self.dev64[3 * t :]
+        self.query_start_loc = self.dev32[: s + 1]
+        self.seq_lens = self.dev32[s + 1 : 2 * s + 1]
+        self.block_tables = self.dev32[self._o32_tables :].view(s, width)
+        self._staging = [_Staging(n64, n32, device), _Staging(n64, n32, device)]
+        self._turn = 0
+
+    def _next_staging(self) -> _Staging:
+        st = self._staging[self._turn]
+        self._turn ^= 1
+        if st.used and st.copied is not None:
+            st.copied.synchronize()  # its last copy has long finished in practice: the step read its tokens
+        st.used = True
+        return st
+
+    def fill(self, scheduled: list[ScheduledRequest], block_size: int, pad_to: int) -> _Step:
+        """Write the step's inputs to pinned memory and start the copies; rows n..pad_to-1 become dummy decodes
+        (token 0 at position 0, written to the null block's slot 0)."""
+        n = len(scheduled)
+        if pad_to > self.max_seqs:
+            raise InternalError(f"runner: a step of {pad_to} sequences exceeds max_num_seqs ({self.max_seqs})")
+        st = self._next_staging()
+        t_max, s_max, w = self.max_tokens, self.max_seqs, self.width
+        ids, pos, slots = st.np64[:t_max], st.np64[t_max : 2 * t_max], st.np64[2 * t_max : 3 * t_max]
+        rows_out = st.np64[3 * t_max :]
+        qsl, seq_lens = st.np32[: s_max + 1], st.np32[s_max + 1 : 2 * s_max + 1]
+        tables = st.np32[self._o32_tables :].reshape(s_max, w)
+        query_lens: list[int] = []
+        seq_len_list: list[int] = []
+        samplers: list[Request] = []
+        rows: list[int] = []
+        t = 0
+        num_decodes = n
+        for i, s in enumerate(scheduled):
+            req, start, q = s.request, s.start, s.num_new_tokens
+            table = s.block_ids
+            if len(table) > w:
+                raise InternalError(f"runner: sequence {req.request_id} holds {len(table)} blocks, above {w}")
+            tables[i, : len(table)] = table
+            if q == 1:
+                ids[t] = req.token_id_at(start)
+                pos[t] = start
+                slots[t] = table[start // block_size] * block_size + start % block_size
+            else:
+                if num_decodes == n:
+                    num_decodes = i
+                if t + q > t_max:
+                    raise InternalError(f"runner: a step of more than {t_max} tokens (max_num_batched_tokens)")
+                ids[t : t + q] = _new_token_ids(req, start, q)
+                p = np.arange(start, start + q)
+                pos[t : t + q] = p
+                slots[t : t + q] = tables[i, p // block_size].astype(np.int64) * block_size + p % block_size
+            query_lens.append(q)
+            seq_len_list.append(start + q)
+            seq_lens[i] = start + q
+            t += q
+            qsl[i + 1] = t
+            if start + q == req.num_tokens:
+                samplers.append(req)
+                rows.append(t - 1)
+        qsl[0] = 0
+        for i in range(n, pad_to):  # dummy decodes padding a graph batch
+            ids[i] = pos[i] = 0
+            slots[i] = NULL_BLOCK_ID * block_size
+            seq_lens[i] = 1
+            tables[i, 0] = NULL_BLOCK_ID
+            qsl[i + 1] = i + 1
+        rows_out[: len(rows)] = rows
+        prefix = rows == list(range(len(rows)))
+        self.dev64.copy_(st.host64, non_blocking=True)
+        n32 = self._o32_tables + max(pad_to, n) * w
+        self.dev32[:n32].copy_(st.host32[:n32], non_blocking=True)
+        if st.copied is not None:
+            st.copied.record()
+        return _Step(
+            n, t, num_decodes, max(query_lens, default=1), max(seq_len_list, default=1), query_lens, seq_len_list,
+            samplers, prefix,
+        )  # fmt: skip
+
+    def metadata(self, step: _Step) -> AttentionMetadata:
+        """A fresh metadata object over the persistent buffers (the reference backend keys its plan on it)."""
+        n, t = step.num_seqs, step.num_tokens
+        return AttentionMetadata(
+            num_seqs=n,
+            num_tokens=t,
+            slot_mapping=self.slots[:t],
+            query_start_loc=self.query_start_loc[: n + 1],
+            seq_lens=self.seq_lens[:n],
+            block_tables=self.block_tables[:n],
+            max_query_len=step.max_query_len,
+            max_seq_len=step.max_seq_len,
+            query_lens_cpu=step.query_lens,
+            seq_lens_cpu=step.seq_lens,
+            num_decodes=step.num_decodes,
+        )
+
+    def fill_dummy_decode(self, bs: int) -> None:
+        """Inputs for capturing graphs: bs dummy decodes against the null block."""
+        self.fill([], 1, pad_to=bs)
+
+    def decode_metadata(self, bs: int) -> AttentionMetadata:
+        """Metadata a captured decode graph of batch ``bs`` bakes in: the buffers' first bs rows."""
+        return AttentionMetadata(
+            num_seqs=bs,
+            num_tokens=bs,
+            slot_mapping=self.slots[:bs],
+            query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            max_query_len=1,
+            max_seq_len=1,
+            query_lens_cpu=[1] * bs,
+            seq_lens_cpu=[1] * bs,
+            num_decodes=bs,
+        )

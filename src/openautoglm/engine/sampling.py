@@ -171,7 +171,7 @@ class Sampler:
         plain = [i for i in plan.greedy if i not in modified]
         work = plan.random + [i for i in plan.greedy if i in modified]
         if plain:
-            tokens[plain] = _argmax_rows(logits, plain)
+            tokens[_ix(plain, logits.device)] = _argmax_rows(logits, plain)
         every_row = len(work) == logits.shape[0] and work == list(range(len(work)))
         if every_row and not modified:  # nothing will write to the rows: read the caller's tensor
             return work, logits, len(plan.random)
@@ -179,7 +179,7 @@ class Sampler:
         if every_row:
             w.copy_(logits)
         elif work:
-            torch.index_select(logits, 0, torch.tensor(work, device=logits.device), out=w)
+            torch.index_select(logits, 0, _dev(work, torch.long, logits.device), out=w)
         local = {g: j for j, g in enumerate(work)}
         reqs = [requests[g] for g in work]
         self._run_processors(w, reqs, [local[g] for g in plan.processors])
@@ -220,7 +220,7 @@ class Sampler:
             return
         pen = torch.ones(w.shape[0], dtype=torch.float32)
         pen[rows] = torch.tensor([reqs[j].sampling_params.repetition_penalty for j in rows])
-        pen = pen.to(w.device)[r]
+        pen = _upload(pen, w.device)[r]
         vals = w[r, t]
         w[r, t] = torch.where(vals < 0, vals * pen, vals / pen)
 
@@ -236,7 +236,7 @@ class Sampler:
         pres = torch.zeros(w.shape[0], dtype=torch.float32)
         freq[rows] = torch.tensor([reqs[j].sampling_params.frequency_penalty for j in rows])
         pres[rows] = torch.tensor([reqs[j].sampling_params.presence_penalty for j in rows])
-        freq, pres = freq.to(w.device), pres.to(w.device)
+        freq, pres = _upload(freq, w.device), _upload(pres, w.device)
         w.index_put_((r, t), -(freq[r] * counts.to(torch.float32) + pres[r]), accumulate=True)
 
     def _weights(self, x: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
@@ -248,7 +248,7 @@ class Sampler:
             bad = [reqs[j].request_id for j in (~torch.isfinite(m[:, 0])).nonzero()[:, 0].tolist()]
             raise EngineError(f"logits of requests {bad} have no finite maximum (NaN, +inf or all -inf)")
         temps = [r.sampling_params.temperature for r in reqs]
-        t = None if all(tv == 1.0 for tv in temps) else torch.tensor(temps, device=x.device).unsqueeze(1)
+        t = None if all(tv == 1.0 for tv in temps) else _dev(temps, torch.float32, x.device).unsqueeze(1)
         nb = -(-v // BLOCK)
         e = self._buffer("exp", (n, nb * BLOCK), x.device)
         e[:, v:].zero_()
@@ -278,13 +278,13 @@ class Sampler:
             if kp:  # top_p reads the distribution top_k left
                 _mask(e, x, thr, kp)
             z = e.view(n, -1, BLOCK).sum(-1)[p_rows].sum(-1, dtype=torch.float64)
-            top_p = torch.tensor([sps[j].top_p for j in p_rows], dtype=torch.float64, device=x.device)
+            top_p = _dev([sps[j].top_p for j in p_rows], torch.float64, x.device)
             tp = None if t is None else t[p_rows]
             xp, ep = self._take(x, p_rows, "top_p"), e[:, :v]
             cut = self._top_p_cut(xp, ep, p_rows, m[p_rows], tp, z, top_p, thr[p_rows])
             thr[p_rows] = torch.maximum(thr[p_rows], cut)
         if mp_rows:
-            log_min_p = torch.tensor([math.log(sps[j].min_p) for j in mp_rows], device=x.device)
+            log_min_p = _dev([math.log(sps[j].min_p) for j in mp_rows], torch.float32, x.device)
             scale = log_min_p if t is None else log_min_p * t[mp_rows, 0]
             thr[mp_rows] = torch.maximum(thr[mp_rows], m[mp_rows, 0] + scale)
         _mask(e, x, thr, sorted({*k_rows, *p_rows, *mp_rows}))
@@ -350,7 +350,7 @@ class Sampler:
         if len(rows) == x.shape[0] and rows == list(range(x.shape[0])):
             return x
         out = self._buffer(name, (len(rows), x.shape[1]), x.device)
-        return torch.index_select(x, 0, torch.tensor(rows, device=x.device), out=out)
+        return torch.index_select(x, 0, _dev(rows, torch.long, x.device), out=out)
 
     def _buffer(self, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
         """A reused float32 buffer: large per-step allocations cost page faults on every step."""
@@ -365,9 +365,27 @@ class Sampler:
 # ---- helpers -----------------------------------------------------------------------------------------------
 
 
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``. On a GPU it goes through pinned memory without waiting for the GPU
+    (a copy from pageable memory would wait for every kernel queued before it)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _dev(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return _upload(torch.tensor(values, dtype=dtype), device)
+
+
+def _ix(rows: list[int], device: torch.device) -> list[int] | torch.Tensor:
+    """Row indices for advanced indexing: the list itself on the CPU, a device tensor on a GPU (indexing a
+    GPU tensor with a list copies the list over synchronously)."""
+    return rows if device.type != "cuda" else _dev(rows, torch.long, device)
+
+
 def _argmax_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     if 2 * len(rows) >= logits.shape[0]:  # one pass over every row beats copying most of them out
-        return logits.argmax(-1)[rows]
+        return logits.argmax(-1)[_ix(rows, logits.device)]
     return torch.stack([logits[i].argmax() for i in rows])  # row views: no copy
 
 
@@ -377,7 +395,7 @@ def _largest(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _kth_largest(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
-    k = torch.tensor(ks, device=x.device)
+    k = _dev(ks, torch.long, x.device)
     return _largest(x, max(ks)).gather(1, (k - 1).unsqueeze(1))[:, 0]
 
 
@@ -423,7 +441,7 @@ def _nucleus_buckets(e: torch.Tensor, z: torch.Tensor, top_p: torch.Tensor) -> t
 def _mask(e: torch.Tensor, x: torch.Tensor, thr: torch.Tensor, rows: list[int]) -> None:
     """Zero the weights of tokens below their row's threshold, for the given rows."""
     v = x.shape[1]
-    if 2 * len(rows) >= x.shape[0]:  # one pass over all rows (thresholds of the others are -inf)
+    if 2 * len(rows) >= x.shape[0] or x.is_cuda:  # one pass over all rows (the others' thresholds are -inf)
         e[:, :v].masked_fill_(x < thr.unsqueeze(1), 0.0)
         return
     for j, th in zip(rows, thr[rows].tolist(), strict=True):  # row views: no copies of the rows
@@ -441,7 +459,7 @@ def _mask_min_tokens(w: torch.Tensor, reqs: list[Request], rows: list[int]) -> N
         rr.extend([j] * len(ids))
         tt.extend(ids)
     if tt:
-        w[torch.tensor(rr, device=w.device), torch.tensor(tt, device=w.device)] = _NEG_INF
+        w[_dev(rr, torch.long, w.device), _dev(tt, torch.long, w.device)] = _NEG_INF
 
 
 def _flatten(rows: list[int], toks: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -451,7 +469,7 @@ def _flatten(rows: list[int], toks: list[torch.Tensor], device: torch.device) ->
         empty = torch.empty(0, dtype=torch.long, device=device)
         return empty, empty
     r = torch.cat([torch.full((t.numel(),), j, dtype=torch.long) for j, t in zip(rows, toks, strict=True)])
-    return r.to(device), torch.cat(toks).to(device)
+    return _upload(r, device), _upload(torch.cat(toks), device)
 
 
 def _uniforms(reqs: list[Request], device: torch.device) -> torch.Tensor:
@@ -462,13 +480,13 @@ def _uniforms(reqs: list[Request], device: torch.device) -> torch.Tensor:
     u = torch.empty(len(reqs), dtype=torch.float64, device=device)
     if len(seeded) < len(reqs):
         free = [j for j, r in enumerate(reqs) if r.generator is None]
-        u[free] = torch.rand(len(free), dtype=torch.float64, device=device)
+        u[_ix(free, device)] = torch.rand(len(free), dtype=torch.float64, device=device)
     draws = []
     for j in seeded:
         gen = reqs[j].generator
         assert gen is not None
         draws.append(torch.rand(1, dtype=torch.float64, generator=gen, device=gen.device).to(device))
-    u[seeded] = torch.cat(draws)
+    u[_ix(seeded, device)] = torch.cat(draws)
     return u
 
 
@@ -480,14 +498,16 @@ def _draw(e: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cb = blocks.sum(-1).cumsum(-1, dtype=torch.float64)
     total = cb[:, -1:]
     target = torch.minimum(u.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
-    b = torch.searchsorted(cb, target, right=True)  # first block whose cumulative weight exceeds the target
+    # The first block whose cumulative weight exceeds the target; the clamps only matter for NaN weights,
+    # which must not index out of range on a GPU (the caller then raises).
+    b = torch.searchsorted(cb, target, right=True).clamp_(max=vp // BLOCK - 1)
     prev = torch.where(b > 0, cb.gather(1, (b - 1).clamp(min=0)), 0.0)
     inner = blocks[torch.arange(n, device=e.device), b[:, 0]].cumsum(-1, dtype=torch.float64)
     inner_total = inner[:, -1:]
     # The block's float32 sum and its float64 running sum differ by rounding: rescale, then stay inside.
     r = (target - prev) * (inner_total / (cb.gather(1, b) - prev))
     r = torch.minimum(r, torch.nextafter(inner_total, torch.zeros_like(inner_total)))
-    j = torch.searchsorted(inner, r, right=True)
+    j = torch.searchsorted(inner, r, right=True).clamp_(max=BLOCK - 1)
     return (b * BLOCK + j)[:, 0]
 
 
