@@ -40,10 +40,11 @@ class Load:
     kv_usage: float | None = None  # fraction of KV cache in use, where known
 
     def score(self) -> float:
-        """Lower is less loaded: what the backend reports, else what this process sent it."""
-        if self.running is not None or self.queued is not None:
-            return float((self.running or 0) + 2 * (self.queued or 0)) + (self.kv_usage or 0.0)
-        return float(self.in_flight)
+        """Lower is less loaded. What the backend reports (other clients' work included, but sampled) and what
+        this process has in flight there (exact, but only ours): the larger of the two; queued work counts
+        double, a fuller KV cache breaks ties."""
+        reported = float((self.running or 0) + 2 * (self.queued or 0))
+        return max(float(self.in_flight), reported) + (self.kv_usage or 0.0)
 
 
 class UpstreamError(ServiceUnavailableError):
