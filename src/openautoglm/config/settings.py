@@ -35,6 +35,9 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     load_format: Literal["auto", "safetensors", "dummy"] = "auto"
+    quantization: Literal["none", "int8", "fp8"] = Field(
+        "none", description="Quantize at load time: int8 weight-only, or fp8 W8A8 (Hopper GPUs and newer)"
+    )
     max_model_len: int | None = Field(None, ge=1, description="Default: the checkpoint's max_position_embeddings")
     seed: int = 0
     download_dir: str | None = None

@@ -1,8 +1,9 @@
 """Checkpoint resolution, safetensors loading, dummy weights and the demo checkpoint.
 
-``load_model(cfg, device, dtype)`` resolves ``cfg.model`` (directory, hub id or "demo"), reads config.json,
-builds the registered model on the meta device, allocates it on ``device`` in ``dtype`` and fills it from the
-safetensors files (or with seeded random weights for ``load_format="dummy"``).
+``load_model(cfg, device, dtype)`` resolves ``cfg.model`` (directory, hub id, "demo" or a built-in named
+config), reads config.json, builds the registered model on the meta device (its decoder linears swapped for
+int8 / fp8 ones when ``cfg.quantization`` asks), allocates it on ``device`` in ``dtype`` and fills it from the
+safetensors files, quantizing tensor by tensor (or with seeded random weights for ``load_format="dummy"``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from openautoglm.engine.loader.resolve import resolve_checkpoint
 from openautoglm.engine.loader.weights import init_dummy_weights, load_safetensors_weights
 from openautoglm.engine.models.base import CausalLM, ModelArchConfig
 from openautoglm.engine.models.registry import get_model_class
+from openautoglm.engine.quantization import check_quantization, replace_linears
 from openautoglm.protocol.errors import ModelLoadError
 
 __all__ = ["LoadedModel", "load_model", "read_arch_config", "resolve_checkpoint"]
@@ -56,6 +58,7 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Lo
     """Load the model ``cfg`` names onto ``device`` in ``dtype`` (concrete: the caller resolves "auto")."""
     if dtype not in LOADABLE_DTYPES:
         raise ModelLoadError(f"dtype {dtype} is not supported; use one of float32, bfloat16, float16")
+    check_quantization(cfg.quantization, device, dtype)
     path = resolve_checkpoint(cfg)
     arch = read_arch_config(path)
     try:
@@ -64,11 +67,15 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Lo
             module = model_cls(arch)  # no memory: parameters are placeholders until to_empty
     except ModelLoadError as exc:
         raise ModelLoadError(f"{path / 'config.json'}: {exc.message}") from exc
-    module = module.to(dtype=dtype).to_empty(device=device)
+    module = module.to(dtype=dtype)
+    if cfg.quantization != "none":
+        # Still on the meta device: the quantized layers are allocated in their own format straight away.
+        replace_linears(module, cfg.quantization)
+    module = module.to_empty(device=device)
     module.requires_grad_(False).eval()
     model = cast(CausalLM, module)
     if cfg.load_format == "dummy":
         init_dummy_weights(module, cfg.seed)
     else:
-        load_safetensors_weights(model, path)
+        load_safetensors_weights(model, path, arch)
     return LoadedModel(model=model, arch=arch, path=path)

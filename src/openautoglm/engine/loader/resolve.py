@@ -1,4 +1,5 @@
-"""Turn ``ModelConfig.model`` into a local checkpoint directory: a path, the demo model, or a hub id."""
+"""Turn ``ModelConfig.model`` into a local checkpoint directory: a path, the demo model, a built-in named config
+(architecture only, for dummy loads), or a hub id."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import re
 from pathlib import Path
 
 from openautoglm.config.settings import DEMO_MODEL, ModelConfig
+from openautoglm.engine.models.named_configs import is_named_config, named_config_names
 from openautoglm.protocol.errors import ModelLoadError
 
 # What Open-AutoGLM needs from a hub snapshot; *.bin / *.pt / *.gguf weights are never fetched.
@@ -28,6 +30,8 @@ def resolve_checkpoint(cfg: ModelConfig) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path.resolve()
+    if is_named_config(model):
+        return _named(cfg)
     if path.exists():
         raise ModelLoadError(f"model {model!r} is a file; give the checkpoint directory holding config.json")
     if _looks_like_path(model) or not _HUB_ID.fullmatch(model):
@@ -35,6 +39,18 @@ def resolve_checkpoint(cfg: ModelConfig) -> Path:
             f"model {model!r}: no such checkpoint directory, and it is not a hub id of the form 'org/name'"
         )
     return _from_hub(model, cfg.revision, cfg.download_dir)
+
+
+def _named(cfg: ModelConfig) -> Path:
+    if cfg.load_format != "dummy":
+        raise ModelLoadError(
+            f"model {cfg.model!r} is a built-in named config (architecture only, no weights): use load_format "
+            "'dummy' (--load-format dummy) to run it with random weights, or give a checkpoint directory or "
+            f"hub id; built-in names: {', '.join(named_config_names())}"
+        )
+    from openautoglm.engine.loader.named import ensure_named_config_dir
+
+    return ensure_named_config_dir(cfg.model, Path(cfg.download_dir) if cfg.download_dir else None)
 
 
 def _from_hub(repo_id: str, revision: str | None, cache_dir: str | None) -> Path:

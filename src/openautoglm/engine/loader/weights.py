@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from rich.console import Console
@@ -20,7 +20,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from openautoglm.engine.models.base import CausalLM
+from openautoglm.engine.models.base import CausalLM, ModelArchConfig
+from openautoglm.engine.quantization import QuantizedLinear, QuantizedWeightRouter
 from openautoglm.protocol.errors import ModelLoadError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -40,15 +41,11 @@ def _shard_files(path: Path) -> tuple[list[Path], dict[str, str]]:
             raise ModelLoadError(f"{index}: not a valid safetensors index ({exc})") from exc
         for tensor, file in sorted(weight_map.items()):
             if not (path / file).is_file():
-                raise ModelLoadError(
-                    f"{path / file}: shard file missing (the index lists tensor {tensor!r} in it)"
-                )
+                raise ModelLoadError(f"{path / file}: shard file missing (the index lists tensor {tensor!r} in it)")
         return [path / f for f in sorted(set(weight_map.values()))], weight_map
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ModelLoadError(
-            f"{path}: no *.safetensors weights found; Open-AutoGLM loads safetensors checkpoints only"
-        )
+        raise ModelLoadError(f"{path}: no *.safetensors weights found; Open-AutoGLM loads safetensors checkpoints only")
     return files, {}
 
 
@@ -66,9 +63,7 @@ class SafetensorsCheckpoint:
                 self.names.setdefault(name, file)
         for tensor, file in sorted(weight_map.items()):
             if self.names.get(tensor) != path / file:
-                raise ModelLoadError(
-                    f"{path / file}: tensor {tensor!r} listed in {INDEX_FILE} is not in this file"
-                )
+                raise ModelLoadError(f"{path / file}: tensor {tensor!r} listed in {INDEX_FILE} is not in this file")
         self.current_file: Path | None = None
 
     @staticmethod
@@ -126,11 +121,15 @@ def _listing(items: list[str], limit: int = 5) -> str:
     return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def load_safetensors_weights(model: CausalLM, path: Path) -> None:
-    """Fill ``model`` from the checkpoint in ``path``; missing, unexpected, mis-shaped tensors are errors."""
+def load_safetensors_weights(model: CausalLM, path: Path, arch: ModelArchConfig | None = None) -> None:
+    """Fill ``model`` from the checkpoint in ``path``; missing, unexpected, mis-shaped tensors are errors.
+
+    Tensors of quantized linears (``arch`` says how q/k/v fuse) are quantized into them one by one; the model's
+    ``load_weights`` gets the rest."""
     ckpt = SafetensorsCheckpoint(path)
+    router = QuantizedWeightRouter(cast(nn.Module, model), arch or model.config)
     try:
-        consumed = model.load_weights(_with_progress(ckpt))
+        consumed = model.load_weights(router.route(_with_progress(ckpt))) | router.consumed
     except ModelLoadError as exc:
         if exc.message.startswith(str(ckpt.current_file)):
             raise  # the reader's own error, which names the file already
@@ -151,13 +150,22 @@ def load_safetensors_weights(model: CausalLM, path: Path) -> None:
 
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
-    """Seeded random weights on the model's device: norms at 1, everything else N(0, 0.02)."""
+    """Seeded random weights on the model's device: norms at 1, everything else N(0, 0.02).
+
+    A quantized linear's weight is drawn in the model's dtype exactly as the full-precision one would be (same
+    generator, same order), then quantized: a quantized dummy model is the quantization of the unquantized
+    dummy model of the same seed, which makes accuracy comparisons possible without a checkpoint."""
     params = list(model.named_parameters())
     if not params:
         return
+    quantized = {f"{path}.weight": m for path, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     generator = torch.Generator(device=params[0][1].device).manual_seed(seed)
     for name, param in params:
         if name.endswith("norm.weight"):
             param.fill_(1.0)
+        elif name in quantized:
+            module = quantized[name]
+            full = torch.empty(param.shape, dtype=module.dtype, device=param.device)
+            module.load_rows(slice(None), full.normal_(0.0, 0.02, generator=generator))
         else:
             param.normal_(0.0, 0.02, generator=generator)
