@@ -159,6 +159,9 @@ class AnalysisConfig(_Strict):
     min_requests: int = Field(50, ge=1, description="Canary requests needed before any decision")
     max_error_rate_increase: float = Field(0.05, ge=0, le=1, description="Canary minus stable error rate")
     max_p95_ratio: float = Field(1.5, ge=1, description="Canary p95 latency over stable's")
+    min_p95_increase_s: float = Field(
+        0.05, ge=0, description="A p95 regression counts only above this many seconds (millisecond noise does not)"
+    )
     step_interval_s: float = Field(60.0, ge=0, description="Least time at one step before promoting")
     interval_s: float = Field(5.0, gt=0, le=3600, description="How often the analysis runs")
 

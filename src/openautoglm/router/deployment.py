@@ -127,6 +127,12 @@ class Deployment:
 
     def _capable(self, needs: Needs) -> list[BackendState]:
         states = self.states
+        if not states:
+            raise ServiceUnavailableError(
+                f"model {self.model!r} has no backends right now (discovery has found none)",
+                retry_after=1.0,
+                code="no_backend",
+            )
         out = [s for s in states if needs.modalities <= s.backend.capabilities.modalities]
         if not out:
             raise UnsupportedMediaTypeError(

@@ -61,7 +61,7 @@ def decide(canary: WindowSummary, stable: WindowSummary, cfg: AnalysisConfig, ti
         )
     if canary.p95_s is not None and stable.p95_s:
         ratio = canary.p95_s / stable.p95_s
-        if ratio > cfg.max_p95_ratio:
+        if ratio > cfg.max_p95_ratio and canary.p95_s - stable.p95_s > cfg.min_p95_increase_s:
             return Decision(
                 "rollback",
                 f"canary p95 {canary.p95_s:.3f}s is {ratio:.2f}x stable's {stable.p95_s:.3f}s "
