@@ -126,7 +126,6 @@ class AuthConfig(_Strict):
 
 class AuditConfig(_Strict):
     retention_days: float | None = Field(None, gt=0, description="Prune older records (an anchor keeps the chain)")
-    log_prompts: bool = Field(False, description="Put prompts and outputs into audit records (off: never)")
 
 
 class GatewayConfig(_Strict):

@@ -10,6 +10,8 @@ import contextlib
 import logging
 from datetime import datetime, timedelta, timezone
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from openautoglm.config.settings import Settings
 from openautoglm.gateway.audit import Auditor
 from openautoglm.gateway.auth import INVALIDATE_CHANNEL, AuthPolicy, KeyAuthenticator
@@ -103,9 +105,13 @@ class Gateway:
 
     async def _prune_forever(self) -> None:
         while True:
-            count = await self.prune()
-            if count:
-                log.info("audit retention: pruned %d records", count)
+            try:
+                count = await self.prune()
+            except SQLAlchemyError as exc:  # the database may be back by the next round
+                log.error("audit retention: pruning failed (%s); retrying in an hour", type(exc).__name__)
+            else:
+                if count:
+                    log.info("audit retention: pruned %d records", count)
             await asyncio.sleep(_PRUNE_EVERY_S)
 
     async def close(self) -> None:

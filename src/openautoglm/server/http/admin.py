@@ -13,10 +13,21 @@ from starlette.responses import Response
 
 from openautoglm.gateway.keys import Actor
 from openautoglm.gateway.service import Gateway
+from openautoglm.protocol.openai import ErrorResponse
 from openautoglm.server.http.auth import identity_of
 from openautoglm.server.http.responses import OrjsonResponse
 
-router = APIRouter(tags=["Admin"])
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in (
+        (400, "Invalid parameters"),
+        (401, "Missing or invalid credentials"),
+        (403, "The caller lacks the route's scope"),
+        (404, "No such key"),
+        (429, "Address blocked after repeated authentication failures; see Retry-After"),
+    )
+}
+router = APIRouter(tags=["Admin"], responses=_ERRORS)
 
 
 class KeyCreate(BaseModel):
