@@ -29,14 +29,14 @@ def serve(
     """Serve a GLM model: OpenAI-compatible HTTP API, /v1/infer, KServe v2 gRPC, health and metrics.
 
     Settings come from the --config file, then AUTOGLM_* environment variables, then these flags.
-    Ctrl-C or SIGTERM drains in-flight requests and exits 0.
+    Ctrl-C or SIGTERM drains in-flight requests and exits 0; SIGHUP reloads the router's configuration.
     """
     from openautoglm.server.serve import run_server  # the server stack loads only for this command
 
     settings = build_settings(config, {"model": model}, server={"host": host, "port": port, "grpc_port": grpc_port})
     if no_auth:
         settings.gateway.auth.required = False
-    raise typer.Exit(run_server(settings))
+    raise typer.Exit(run_server(settings, config_file=config))
 
 
 def register(app: typer.Typer) -> None:

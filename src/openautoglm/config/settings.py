@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from openautoglm.config.gateway import GatewayConfig
+from openautoglm.config.router import RouterConfig
 from openautoglm.config.server import ServerConfig
 from openautoglm.config.store import StoreConfig
 from openautoglm.protocol.errors import ConfigError
@@ -90,6 +91,7 @@ class Settings(BaseSettings):
     server: ServerConfig = Field(default_factory=ServerConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
 
     @classmethod
     def settings_customise_sources(

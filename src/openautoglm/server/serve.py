@@ -13,19 +13,23 @@ import contextlib
 import importlib.util
 import ipaddress
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 from rich.console import Console
 
 import openautoglm
-from openautoglm.config.settings import DEMO_MODEL, Settings
+from openautoglm.config.settings import DEMO_MODEL, Settings, load_settings
 from openautoglm.engine.async_engine import AsyncEngine
-from openautoglm.protocol.errors import ConfigError
+from openautoglm.protocol.errors import AutoGLMError, ConfigError
+from openautoglm.router.rollout import RolloutEvent
+from openautoglm.router.router import Router
 from openautoglm.server.grpc import start_grpc_server
 from openautoglm.server.http.app import create_app
 from openautoglm.server.http.state import ServerState
@@ -35,18 +39,60 @@ logger = logging.getLogger("openautoglm.server")
 _ABORT_GRACE_S = 5.0  # after aborting, how long aborted requests get to send their last chunk
 
 
-def run_server(settings: Settings) -> int:
-    """Serve until a signal drains the server; the exit code (0 after a clean drain)."""
+def run_server(settings: Settings, config_file: Path | None = None) -> int:
+    """Serve until a signal drains the server; the exit code (0 after a clean drain). ``config_file`` is what
+    SIGHUP re-reads to reload the router."""
     configure_logging()
     console = Console(stderr=True, soft_wrap=True)  # a log file has no width: never wrap lines
     check_auth_settings(settings, console)
     model = settings.engine.model.model
     started = time.perf_counter()
     with console.status(f"Open-AutoGLM: loading model [bold]{model}[/bold] …"):
-        engine = AsyncEngine.from_config(settings.engine)
+        import os as _os  # PERF-EXPERIMENT
+        _mode = _os.environ.get("AUTOGLM_PERF_ENGINE", "thread")
+        _thr = int(_os.environ.get("AUTOGLM_PERF_THREADS", "0")) or None
+        if _mode == "process":
+            from openautoglm.engine.engine_process import EngineProcess
+            engine = EngineProcess.start(settings.engine, num_threads=_thr)
+        else:
+            if _thr:
+                import torch
+                torch.set_num_threads(_thr)
+            engine = AsyncEngine.from_config(settings.engine)
     console.print(f"Model [bold]{engine.model_name}[/bold] loaded in {time.perf_counter() - started:.1f} s")
     app = create_app(settings, engine)
-    return _run_loop(_serve(settings, engine, app, console))
+    if settings.router.enabled:
+        app.state.router = build_router(settings, engine, app.state.gateway)
+    if _os.environ.get("AUTOGLM_PERF_GC", "1") == "1":
+        import gc
+        gc.collect()
+        gc.freeze()
+    return _run_loop(_serve(settings, engine, app, console, config_file))
+
+
+def build_router(settings: Settings, engine: AsyncEngine, gateway: Any) -> Router:
+    """The router over ``settings.router``'s deployments; API keys of remote backends come from this process's
+    environment (read here, at the top, never deeper); rollout steps go to the gateway's audit log."""
+
+    async def audit(event: RolloutEvent) -> None:
+        await gateway.auditor.record(
+            event.actor, f"rollout.{event.action}", event.deployment, "ok",
+            detail={"version": event.version, "weight_from": event.weight_from, "weight_to": event.weight_to,
+                    "reason": event.reason, "canary": event.canary, "stable": event.stable},
+        )  # fmt: skip
+
+    return Router(settings.router, engine=engine, environ=dict(os.environ), audit=audit)
+
+
+def reload_router(router: Router, config_file: Path | None) -> None:
+    """SIGHUP: re-read the configuration and switch the router to it; an invalid one changes nothing."""
+    try:
+        settings = load_settings(config_file)
+        router.reload(settings.router)
+    except AutoGLMError as exc:
+        logger.error("reload refused, the router keeps its configuration: %s", exc.message)
+        return
+    logger.info("reload: router configuration from %s applied", config_file or "the environment")
 
 
 def check_auth_settings(settings: Settings, console: Console) -> None:
@@ -95,7 +141,9 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def _serve(settings: Settings, engine: AsyncEngine, app: Any, console: Console) -> int:
+async def _serve(
+    settings: Settings, engine: AsyncEngine, app: Any, console: Console, config_file: Path | None = None
+) -> int:
     cfg = settings.server
     state: ServerState = app.state.server_state
     server = _Server(
@@ -127,6 +175,10 @@ async def _serve(settings: Settings, engine: AsyncEngine, app: Any, console: Con
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, drain.on_signal, sig)
+    router = getattr(app.state, "router", None)
+    if router is not None:
+        await router.start()
+        loop.add_signal_handler(signal.SIGHUP, reload_router, router, config_file)
     try:
         while not server.started and not serving.done():
             await asyncio.sleep(0.02)
@@ -134,8 +186,10 @@ async def _serve(settings: Settings, engine: AsyncEngine, app: Any, console: Con
             _banner(console, settings, engine, _bound_port(server, cfg.port))
         await serving
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if router is not None:
+            await router.aclose()
         if grpc_server is not None:
             await grpc_server.stop(0)
         await app.state.gateway.close()

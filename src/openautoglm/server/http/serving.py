@@ -40,16 +40,28 @@ class ServedOutput(Protocol):
     def end_events(self) -> list[bytes]: ...
 
 
-def resolve_model(engine: Any, name: str | None) -> str:
+def resolve_model(engine: Any, name: str | None, router: Any = None) -> str:
+    """The engine's model, or (with the router on) one of the router's deployments."""
     if name is None or name == engine.model_name:
         return engine.model_name
-    raise ModelNotFoundError(f"model {name!r} is not served here; this server runs {engine.model_name!r}")
+    if router is not None and name in router.model_names:
+        return name
+    served = [engine.model_name, *(router.model_names if router is not None else [])]
+    raise ModelNotFoundError(f"model {name!r} is not served here; models: {', '.join(dict.fromkeys(served))}")
+
+
+def generator_for(app_state: Any, model: str | None) -> Any:
+    """What runs a request for ``model``: the router when it has a deployment of that name, else the engine."""
+    router = getattr(app_state, "router", None)
+    if router is not None and model in router.model_names:
+        return router
+    return app_state.engine
 
 
 def accept_model(request: Request, name: str | None, prompt_text: Callable[[], str]) -> str:
     """The served model's name (404 for another), noted with the prompt (only if log_prompts) for the log."""
     app_state = request.app.state
-    model = resolve_model(app_state.engine, name)
+    model = resolve_model(app_state.engine, name, getattr(app_state, "router", None))
     info: RequestInfo = request.state.info
     info.model = model
     if app_state.settings.server.log_prompts:
@@ -66,7 +78,7 @@ async def serve_generation(
     for gen in gens:
         gen.metadata["http_request_id"] = info.request_id
     timer = app_state.metrics.timer(output.model)
-    call = EngineCall(app_state.engine, app_state.server_state)
+    call = EngineCall(generator_for(app_state, gens[0].model if gens else None), app_state.server_state)
     await call.start(gens)  # bad input fails here, as a 4xx, before any byte of the response is sent
     if stream:
         body = _sse(call, output, timer, info)
