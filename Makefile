@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 serve: $(STAMP)
-	$(VENV)/bin/autoglm serve
+	$(VENV)/bin/autoglm serve --no-auth
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
