@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from openautoglm.config.duration import Duration
+
 DEFAULT_OPEN_PATHS = (
     "/healthz",
     "/ready",
@@ -33,10 +35,10 @@ class JwtConfig(_Strict):
     audience: str | None = Field(None, description="Required 'aud'")
     jwks_file: str | None = Field(None, description="JWKS JSON file")
     jwks_url: str | None = Field(None, description="JWKS URL (fetched, cached, refreshed on an unknown kid)")
-    jwks_cache_s: float = Field(300.0, gt=0, description="How long a fetched JWKS is used before refreshing")
-    jwks_min_refresh_s: float = Field(10.0, ge=0, description="Least time between two refreshes (unknown kids)")
+    jwks_cache_s: Duration = Field(300.0, gt=0, description="How long a fetched JWKS is used before refreshing")
+    jwks_min_refresh_s: Duration = Field(10.0, ge=0, description="Least time between two refreshes (unknown kids)")
     algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "EdDSA"])
-    leeway_s: float = Field(30.0, ge=0, le=300, description="Clock skew allowed on exp/nbf/iat")
+    leeway_s: Duration = Field(30.0, ge=0, le=300, description="Clock skew allowed on exp/nbf/iat")
     scopes_claim: str | None = Field(
         None, description="An extra claim (list or space-separated string) mapped to scopes, besides scope/scp"
     )
@@ -89,8 +91,8 @@ class TlsConfig(_Strict):
 class BruteForceConfig(_Strict):
     enabled: bool = True
     max_failures: int = Field(10, ge=1, description="Failed authentications allowed per address in the window")
-    window_s: float = Field(300.0, gt=0, description="Sliding window of counted failures (seconds)")
-    block_s: float = Field(900.0, gt=0, description="How long an address stays blocked (seconds)")
+    window_s: Duration = Field(300.0, gt=0, description="Sliding window of counted failures (seconds)")
+    block_s: Duration = Field(900.0, gt=0, description="How long an address stays blocked (seconds)")
     trusted_proxies: list[str] = Field(
         default_factory=list,
         description="Proxies (addresses or CIDR) whose X-Forwarded-For is believed; empty: never believed",
@@ -115,10 +117,10 @@ class AuthConfig(_Strict):
     secret_file: str | None = Field(
         None, description="File holding the server secret; default <store.data_dir>/server.secret"
     )
-    key_cache_ttl_s: float = Field(
+    key_cache_ttl_s: Duration = Field(
         0.5, ge=0, le=1.0, description="How long a replica trusts a cached key record (revocation bound)"
     )
-    rotation_grace_s: float = Field(86400.0, ge=0, description="Default validity of the old secret after rotation")
+    rotation_grace_s: Duration = Field(86400.0, ge=0, description="Default validity of the old secret after rotation")
     open_paths: list[str] = Field(default_factory=lambda: list(DEFAULT_OPEN_PATHS))
     open_grpc_methods: list[str] = Field(default_factory=lambda: list(DEFAULT_OPEN_GRPC))
     jwt: JwtConfig = Field(default_factory=JwtConfig)

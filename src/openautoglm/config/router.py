@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from openautoglm.config.duration import Duration
+
 BackendKind = Literal["local", "openai", "autoglm"]
 Strategy = Literal["weighted_round_robin", "least_outstanding", "p2c_ewma", "affinity"]
 
@@ -30,9 +32,9 @@ class BackendConfig(_Strict):
     api_key_env: str | None = Field(None, description="Environment variable holding the backend's API key")
     api_key_file: str | None = Field(None, description="File holding the backend's API key (a mounted secret)")
     headers: dict[str, str] = Field(default_factory=dict, description="Extra headers sent with every request")
-    connect_timeout_s: float = Field(5.0, gt=0, le=300)
-    first_byte_timeout_s: float = Field(60.0, gt=0, le=3600, description="Longest wait for the response headers")
-    read_timeout_s: float = Field(60.0, gt=0, le=3600, description="Longest silence between two streamed events")
+    connect_timeout_s: Duration = Field(5.0, gt=0, le=300)
+    first_byte_timeout_s: Duration = Field(60.0, gt=0, le=3600, description="Longest wait for the response headers")
+    read_timeout_s: Duration = Field(60.0, gt=0, le=3600, description="Longest silence between two streamed events")
     max_context: int | None = Field(None, ge=1, description="Context length; default: asked from the backend")
     modalities: list[Literal["text", "image", "audio"]] = Field(default_factory=lambda: ["text"])
     streaming: bool = True
@@ -56,7 +58,7 @@ class DnsDiscoveryConfig(_Strict):
     port: int = Field(..., ge=1, le=65535)
     scheme: Literal["http", "https"] = "http"
     path: str = Field("/v1", description="Base path appended to each address")
-    interval_s: float = Field(10.0, gt=0, le=3600)
+    interval_s: Duration = Field(10.0, gt=0, le=3600)
 
 
 class RedisDiscoveryConfig(_Strict):
@@ -64,7 +66,7 @@ class RedisDiscoveryConfig(_Strict):
 
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = Field("autoglm:registry:", min_length=1)
-    poll_interval_s: float = Field(2.0, gt=0, le=600)
+    poll_interval_s: Duration = Field(2.0, gt=0, le=600)
 
 
 class DiscoveryConfig(_Strict):
@@ -117,8 +119,8 @@ class DeploymentConfig(_Strict):
 class HealthCheckConfig(_Strict):
     """Active probes, with the usual defaults (every 5 s, 3 s timeout, 3 failures down, 2 successes up)."""
 
-    interval_s: float = Field(5.0, gt=0, le=3600)
-    timeout_s: float = Field(3.0, gt=0, le=600)
+    interval_s: Duration = Field(5.0, gt=0, le=3600)
+    timeout_s: Duration = Field(3.0, gt=0, le=600)
     unhealthy_threshold: int = Field(3, ge=1, le=100)
     healthy_threshold: int = Field(2, ge=1, le=100)
 
@@ -127,7 +129,7 @@ class BreakerConfig(_Strict):
     """Per-backend circuit breaker: opens after consecutive failures, half-opens after the cooldown."""
 
     failure_threshold: int = Field(5, ge=1, le=1000)
-    cooldown_s: float = Field(30.0, gt=0, le=3600)
+    cooldown_s: Duration = Field(30.0, gt=0, le=3600)
 
 
 class OutlierConfig(_Strict):
@@ -136,7 +138,7 @@ class OutlierConfig(_Strict):
     window: int = Field(50, ge=5, le=10000, description="Recent requests considered")
     min_requests: int = Field(10, ge=1)
     max_error_rate: float = Field(0.5, gt=0, le=1)
-    ejection_s: float = Field(30.0, gt=0, le=3600)
+    ejection_s: Duration = Field(30.0, gt=0, le=3600)
     max_ejected_percent: float = Field(50.0, ge=0, le=100)
 
 
@@ -144,26 +146,26 @@ class RetryConfig(_Strict):
     """Retries before the first byte only; exponential backoff with full jitter; a budget against storms."""
 
     max_attempts: int = Field(3, ge=1, le=10)
-    backoff_base_s: float = Field(0.05, ge=0, le=10)
-    backoff_max_s: float = Field(1.0, ge=0, le=60)
+    backoff_base_s: Duration = Field(0.05, ge=0, le=10)
+    backoff_max_s: Duration = Field(1.0, ge=0, le=60)
     budget_ratio: float = Field(0.2, ge=0, le=10, description="Retries allowed per request, on average")
     budget_min_per_s: float = Field(5.0, ge=0, description="Retries always allowed per second")
     retry_statuses: list[int] = Field(default_factory=lambda: [429, 502, 503, 504])
-    default_deadline_s: float = Field(300.0, gt=0, le=86400, description="Per-request deadline when none is set")
+    default_deadline_s: Duration = Field(300.0, gt=0, le=86400, description="Per-request deadline when none is set")
 
 
 class AnalysisConfig(_Strict):
     """Canary analysis over a sliding window, canary against stable."""
 
-    window_s: float = Field(60.0, gt=0, le=86400)
+    window_s: Duration = Field(60.0, gt=0, le=86400)
     min_requests: int = Field(50, ge=1, description="Canary requests needed before any decision")
     max_error_rate_increase: float = Field(0.05, ge=0, le=1, description="Canary minus stable error rate")
     max_p95_ratio: float = Field(1.5, ge=1, description="Canary p95 latency over stable's")
-    min_p95_increase_s: float = Field(
+    min_p95_increase_s: Duration = Field(
         0.05, ge=0, description="A p95 regression counts only above this many seconds (millisecond noise does not)"
     )
-    step_interval_s: float = Field(60.0, ge=0, description="Least time at one step before promoting")
-    interval_s: float = Field(5.0, gt=0, le=3600, description="How often the analysis runs")
+    step_interval_s: Duration = Field(60.0, ge=0, description="Least time at one step before promoting")
+    interval_s: Duration = Field(5.0, gt=0, le=3600, description="How often the analysis runs")
 
 
 class RouterConfig(_Strict):
@@ -174,7 +176,7 @@ class RouterConfig(_Strict):
     outlier: OutlierConfig = Field(default_factory=OutlierConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
-    ewma_decay_s: float = Field(10.0, gt=0, le=3600, description="Time constant of the latency EWMA")
+    ewma_decay_s: Duration = Field(10.0, gt=0, le=3600, description="Time constant of the latency EWMA")
 
     @model_validator(mode="after")
     def _check(self) -> RouterConfig:

@@ -6,6 +6,7 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from openautoglm.config.duration import Duration
 from openautoglm.config.media import MediaConfig
 
 MiB = 1 << 20
@@ -32,7 +33,7 @@ class ServerConfig(BaseModel):
     gzip_min_bytes: int = Field(
         1024, ge=0, description="Non-streaming responses at least this large are gzipped when accepted"
     )
-    drain_timeout: float = Field(
+    drain_timeout: Duration = Field(
         30.0, ge=0.0, description="Seconds in-flight requests may run after SIGTERM before they are aborted"
     )
     retry_after: int = Field(5, ge=1, description="Retry-After seconds sent with 503 while loading or draining")
