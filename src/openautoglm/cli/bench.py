@@ -103,5 +103,30 @@ def _report(results: list[Throughput], as_json: bool) -> None:
         console.print(f"output tokens/s ratio (Open-AutoGLM / transformers): {ratio:.2f}x")
 
 
+@bench_app.command("gpu-suite")
+@handle_errors
+def gpu_suite(
+    model: Annotated[str, typer.Option("--model", "-m", help="Named config or checkpoint")] = "glm-4-9b-0414",
+    load_format: Annotated[str, typer.Option("--load-format")] = "dummy",
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSON results file")] = Path("gpu-suite.json"),
+    only: Annotated[list[str] | None, typer.Option("--only", help="Run only these measurements")] = None,
+    offline_requests: Annotated[int, typer.Option("--offline-requests")] = 512,
+    hf_requests: Annotated[int | None, typer.Option("--hf-requests", help="Default: --offline-requests")] = None,
+    gpu_memory_utilization: Annotated[float, typer.Option("--gpu-memory-utilization")] = 0.8,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """The GPU benchmark set (bandwidth bound, single-stream decode, offline vs transformers, serve latency)."""
+    from openautoglm.ops.bench_gpu import SuiteOptions, format_summary, run_suite
+
+    setup_logging(verbose)
+    options = SuiteOptions(
+        model=model, load_format=load_format, offline_requests=offline_requests, hf_requests=hf_requests,
+        gpu_memory_utilization=gpu_memory_utilization, only=tuple(only or ()),
+    )  # fmt: skip
+    results = run_suite(options, output)
+    typer.echo(format_summary(results))
+    typer.echo(f"results: {output}")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")

@@ -182,6 +182,15 @@ class ModelRunner:
             len(sizes), max(sizes), time.perf_counter() - start,
         )  # fmt: skip
 
+    def dummy_decode_graph(self, batch: int) -> torch.cuda.CUDAGraph | None:
+        """The graph that a decode batch of ``batch`` replays, its inputs set to dummy decodes against the null
+        block (benchmarks time its replays); None when no captured graph covers that batch."""
+        size = next((b for b in sorted(self._graphs) if b >= batch), None)
+        if size is None or self._inputs is None:
+            return None
+        self._inputs.fill_dummy_decode(size)
+        return self._graphs[size][0]
+
     def _decode_logits(self, bs: int, ctx: ForwardContext) -> torch.Tensor:
         inputs = self._inputs
         assert inputs is not None
