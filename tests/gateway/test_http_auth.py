@@ -13,12 +13,15 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from fastapi import FastAPI
 
 from openautoglm.config.gateway import DEFAULT_OPEN_PATHS
+from openautoglm.config.router import RouterConfig
 from openautoglm.engine.async_engine import AsyncEngine
 from openautoglm.gateway.keys import Actor, format_key, parse_key
 from openautoglm.gateway.scopes import ALL_SCOPES, HTTP_SCOPES
+from openautoglm.router.router import Router
 from openautoglm.server.http.app import create_app
 from openautoglm.server.http.auth import http_routes
 
@@ -57,7 +60,15 @@ SAMPLES: dict[tuple[str, str], tuple[str, dict[str, Any] | None]] = {
     ("GET", "/admin/audit"): ("/admin/audit?action=key.create&limit=5", None),
     ("GET", "/admin/audit/verify"): ("/admin/audit/verify", None),
     ("POST", "/admin/audit/prune"): ("/admin/audit/prune", {"before": "2000-01-01T00:00:00Z"}),
+    ("POST", "/admin/reload"): ("/admin/reload", None),
+    ("GET", "/admin/router"): ("/admin/router", None),
+    ("GET", "/admin/rollouts/{model:path}"): ("/admin/rollouts/routed", None),
+    ("POST", "/admin/rollouts/{model:path}/{action}"): ("/admin/rollouts/routed/start", {"version": "v2"}),
 }
+# The scope matrix's router: one deployment with a stable and a canary backend (never called).
+ROUTER = {"enabled": True, "deployments": [{"model": "routed", "backends": [
+    {"name": "s", "url": "http://127.0.0.1:9/v1"}, {"name": "c", "url": "http://127.0.0.1:9/v1", "version": "v2"},
+]}]}  # fmt: skip
 
 
 def make_app(engine: AsyncEngine, tmp_path: Path, db_url: str, **gateway: Any) -> FastAPI:
@@ -93,6 +104,9 @@ def test_every_registered_route_is_in_the_table_and_sampled(app: FastAPI) -> Non
 async def test_scope_matrix(engine: AsyncEngine, tmp_path: Path, db_url: str) -> None:
     """Every route (open ones closed by configuration) x every scope: 2xx with its scope, 403 without."""
     app = make_app(engine, tmp_path, db_url, auth={"open_paths": []}, brute_force={"enabled": False})
+    app.state.config_file = tmp_path / "autoglm.yaml"
+    app.state.config_file.write_text(yaml.safe_dump({"router": ROUTER}))
+    app.state.router = Router(RouterConfig.model_validate(ROUTER), engine=engine)
     keys = {scope: new_key(app, scope) for scope in ALL_SCOPES}
     async with client_for(app) as c:
         for (method, template), (path, body) in SAMPLES.items():

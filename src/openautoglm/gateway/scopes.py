@@ -52,6 +52,10 @@ HTTP_SCOPES: dict[tuple[str, str], Scope] = {
     ("GET", "/admin/audit"): Scope.AUDIT_READ,
     ("GET", "/admin/audit/verify"): Scope.AUDIT_READ,
     ("POST", "/admin/audit/prune"): Scope.ADMIN,
+    ("POST", "/admin/reload"): Scope.ADMIN,
+    ("GET", "/admin/router"): Scope.ADMIN,
+    ("GET", "/admin/rollouts/{model:path}"): Scope.ADMIN,
+    ("POST", "/admin/rollouts/{model:path}/{action}"): Scope.ADMIN,
 }
 
 # KServe v2 method name (the last part of /inference.GRPCInferenceService/<name>) → scope.

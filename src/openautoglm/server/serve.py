@@ -25,17 +25,19 @@ import uvicorn
 from rich.console import Console
 
 import openautoglm
-from openautoglm.config.settings import DEMO_MODEL, Settings, load_settings
+from openautoglm.config.settings import DEMO_MODEL, Settings
 from openautoglm.engine.async_engine import AsyncEngine
-from openautoglm.protocol.errors import AutoGLMError, ConfigError
+from openautoglm.protocol.errors import ConfigError, InvalidRequestError
 from openautoglm.router.rollout import RolloutEvent
 from openautoglm.router.router import Router
 from openautoglm.server.grpc import start_grpc_server
 from openautoglm.server.http.app import create_app
+from openautoglm.server.http.router_admin import reload_from_file
 from openautoglm.server.http.state import ServerState
 from openautoglm.server.tls import grpc_credentials, uvicorn_ssl_options, with_client_certificates
 
 logger = logging.getLogger("openautoglm.server")
+_RELOADS: set[asyncio.Task[None]] = set()
 _ABORT_GRACE_S = 5.0  # after aborting, how long aborted requests get to send their last chunk
 
 
@@ -61,13 +63,14 @@ def run_server(settings: Settings, config_file: Path | None = None) -> int:
             engine = AsyncEngine.from_config(settings.engine)
     console.print(f"Model [bold]{engine.model_name}[/bold] loaded in {time.perf_counter() - started:.1f} s")
     app = create_app(settings, engine)
+    app.state.config_file = config_file  # what POST /admin/reload and SIGHUP re-read
     if settings.router.enabled:
         app.state.router = build_router(settings, engine, app.state.gateway)
     if _os.environ.get("AUTOGLM_PERF_GC", "1") == "1":
         import gc
         gc.collect()
         gc.freeze()
-    return _run_loop(_serve(settings, engine, app, console, config_file))
+    return _run_loop(_serve(settings, engine, app, console))
 
 
 def build_router(settings: Settings, engine: AsyncEngine, gateway: Any) -> Router:
@@ -84,15 +87,16 @@ def build_router(settings: Settings, engine: AsyncEngine, gateway: Any) -> Route
     return Router(settings.router, engine=engine, environ=dict(os.environ), audit=audit)
 
 
-def reload_router(router: Router, config_file: Path | None) -> None:
-    """SIGHUP: re-read the configuration and switch the router to it; an invalid one changes nothing."""
-    try:
-        settings = load_settings(config_file)
-        router.reload(settings.router)
-    except AutoGLMError as exc:
-        logger.error("reload refused, the router keeps its configuration: %s", exc.message)
-        return
-    logger.info("reload: router configuration from %s applied", config_file or "the environment")
+def on_sighup(app_state: Any) -> None:
+    """SIGHUP: reload as ``POST /admin/reload`` does (validated first, audited); an invalid file changes nothing."""
+
+    async def reload() -> None:
+        with contextlib.suppress(InvalidRequestError):  # refused: reload_from_file has logged and audited why
+            await reload_from_file(app_state, "signal:SIGHUP")
+
+    task = asyncio.get_running_loop().create_task(reload(), name="autoglm-reload")
+    _RELOADS.add(task)  # the loop keeps only a weak reference to tasks
+    task.add_done_callback(_RELOADS.discard)
 
 
 def check_auth_settings(settings: Settings, console: Console) -> None:
@@ -141,9 +145,7 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def _serve(
-    settings: Settings, engine: AsyncEngine, app: Any, console: Console, config_file: Path | None = None
-) -> int:
+async def _serve(settings: Settings, engine: AsyncEngine, app: Any, console: Console) -> int:
     cfg = settings.server
     state: ServerState = app.state.server_state
     server = _Server(
@@ -178,7 +180,7 @@ async def _serve(
     router = getattr(app.state, "router", None)
     if router is not None:
         await router.start()
-        loop.add_signal_handler(signal.SIGHUP, reload_router, router, config_file)
+        loop.add_signal_handler(signal.SIGHUP, on_sighup, app.state)
     try:
         while not server.started and not serving.done():
             await asyncio.sleep(0.02)

@@ -21,7 +21,7 @@ from openautoglm.protocol.openai import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from openautoglm.server.http import admin, health, metrics, openai
+from openautoglm.server.http import admin, health, metrics, openai, router_admin
 from openautoglm.server.http.auth import AuthMiddleware, check_scope_table
 from openautoglm.server.http.errors import install_error_handlers
 from openautoglm.server.http.infer import router as infer_router
@@ -66,7 +66,7 @@ def create_app(settings: Settings, engine: Any, gateway: Gateway | None = None) 
     app.state.started_at = int(time.time())
     install_error_handlers(app)
     app.state.gateway = gateway if gateway is not None else Gateway(settings)
-    for router in (health.router, metrics.router, openai.router, infer_router, admin.router):
+    for router in (health.router, metrics.router, openai.router, infer_router, admin.router, router_admin.router):
         app.include_router(router)
     check_scope_table(app)  # a route without a scope would be unprotected: refuse to start instead
     # add_middleware wraps from the inside out: the last one added runs first. Auth runs innermost, so its
