@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from openautoglm.cli import audit, bench, generate, keys, serve
+from openautoglm.cli import audit, bench, generate, keys, rollout, serve
 
 app = typer.Typer(
     name="autoglm",
@@ -18,6 +18,7 @@ bench.register(app)
 serve.register(app)
 keys.register(app)
 audit.register(app)
+rollout.register(app)
 
 if __name__ == "__main__":
     app()
