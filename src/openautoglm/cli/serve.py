@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from openautoglm.cli.common import build_settings, handle_errors
+from openautoglm.cli.config import preflight_file, preflight_settings
 
 
 @handle_errors
@@ -33,9 +34,11 @@ def serve(
     """
     from openautoglm.server.serve import run_server  # the server stack loads only for this command
 
+    file_report = preflight_file(config)
     settings = build_settings(config, {"model": model}, server={"host": host, "port": port, "grpc_port": grpc_port})
     if no_auth:
         settings.gateway.auth.required = False
+    preflight_settings(settings, file_report)
     raise typer.Exit(run_server(settings, config_file=config))
 
 

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from openautoglm.config.duration import Duration
+from openautoglm.config.traffic import AdmissionConfig, LimitsConfig, ResponseCacheConfig
 
 DEFAULT_OPEN_PATHS = (
     "/healthz",
@@ -131,10 +132,13 @@ class AuditConfig(_Strict):
 
 
 class GatewayConfig(_Strict):
-    policies: list[Literal["auth"]] = Field(
-        default_factory=lambda: ["auth"], description="Gateway policies, in the order requests pass them"
+    policies: list[Literal["auth", "limits"]] = Field(
+        default_factory=lambda: ["auth", "limits"], description="Gateway policies, in the order requests pass them"
     )
     auth: AuthConfig = Field(default_factory=AuthConfig)
     brute_force: BruteForceConfig = Field(default_factory=BruteForceConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     tls: TlsConfig = Field(default_factory=TlsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    cache: ResponseCacheConfig = Field(default_factory=ResponseCacheConfig)

@@ -19,6 +19,7 @@ from openautoglm.gateway.bruteforce import BruteForceGuard, parse_networks
 from openautoglm.gateway.jwt import JwtVerifier
 from openautoglm.gateway.keys import KeyManager, load_server_secret
 from openautoglm.gateway.pipeline import Pipeline, build_pipeline
+from openautoglm.gateway.traffic import Traffic
 from openautoglm.store.audit import AuditLog
 from openautoglm.store.db import Database
 from openautoglm.store.keys import ApiKeyRepository
@@ -74,7 +75,8 @@ class Gateway:
             cfg.auth, self.key_auth, self.auditor, self.guard,
             JwtVerifier(cfg.auth.jwt) if cfg.auth.jwt.enabled else None, cfg.tls.client_identities,
         )  # fmt: skip
-        self.pipeline: Pipeline = build_pipeline(cfg.policies, {"auth": self.auth})
+        self.traffic = Traffic(settings, self.auditor)  # limits, admission queues, response cache
+        self.pipeline: Pipeline = build_pipeline(cfg.policies, {"auth": self.auth, "limits": self.traffic.policy})
         self._started = False
         self._start_lock = asyncio.Lock()
         self._pruner: asyncio.Task[None] | None = None
@@ -120,5 +122,6 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pruner
         await self.key_auth.close()
+        await self.traffic.close()
         await self.state.close()
         self.db.dispose()

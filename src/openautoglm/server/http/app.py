@@ -66,6 +66,7 @@ def create_app(settings: Settings, engine: Any, gateway: Gateway | None = None) 
     app.state.started_at = int(time.time())
     install_error_handlers(app)
     app.state.gateway = gateway if gateway is not None else Gateway(settings)
+    app.state.metrics.registry.register(app.state.gateway.traffic.metrics)  # limits, queues, cache in /metrics
     for router in (health.router, metrics.router, openai.router, infer_router, admin.router, router_admin.router):
         app.include_router(router)
     check_scope_table(app)  # a route without a scope would be unprotected: refuse to start instead

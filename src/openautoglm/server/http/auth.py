@@ -11,11 +11,14 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openautoglm.gateway.bruteforce import client_address
+from openautoglm.gateway.limits import HEADERS_NOTE
 from openautoglm.gateway.pipeline import GatewayContext, Identity, Outcome
 from openautoglm.gateway.scopes import http_scope
 from openautoglm.gateway.service import Gateway
 from openautoglm.protocol.errors import AuthenticationError, AutoGLMError, ConfigError
 from openautoglm.server.http.errors import error_response
+
+GATEWAY_CONTEXT = "gateway_context"
 
 
 def http_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
@@ -54,6 +57,14 @@ def route_template(routes: Iterable[BaseRoute], scope: Scope) -> str | None:
     return None
 
 
+def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+def gateway_context(scope: Scope) -> GatewayContext | None:
+    return scope.get("state", {}).get(GATEWAY_CONTEXT)
+
+
 def identity_of(scope: Scope) -> Identity | None:
     return scope.get("state", {}).get("identity")
 
@@ -81,16 +92,22 @@ class AuthMiddleware:
         try:
             await self.gateway.pipeline.before(ctx)
         except AutoGLMError as exc:
-            headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationError) else None
+            headers = dict(ctx.notes.get(HEADERS_NOTE, {}))
+            if isinstance(exc, AuthenticationError):
+                headers["WWW-Authenticate"] = "Bearer"
             await error_response(exc, headers=headers)(scope, receive, send)
             await self.gateway.pipeline.after(ctx, Outcome(exc.http_status, exc.code))
             return
         scope.setdefault("state", {})["identity"] = ctx.identity
+        scope["state"][GATEWAY_CONTEXT] = ctx  # the serving code adds its own notes (cache, token limits)
         status = {"code": 500}
 
         async def send_status(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                extra = ctx.notes.get(HEADERS_NOTE)
+                if extra:  # rate-limit and cache headers of the policies and the serving code
+                    message["headers"] = [*message.get("headers", ()), *_encode(extra)]
             await send(message)
 
         try:

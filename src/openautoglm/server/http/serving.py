@@ -18,6 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from openautoglm.protocol.errors import AutoGLMError, InternalError, ModelNotFoundError
 from openautoglm.protocol.outputs import RequestOutput, Usage
 from openautoglm.protocol.request import GenerationRequest
+from openautoglm.server.http.auth import gateway_context
 from openautoglm.server.http.metrics import RequestTimer
 from openautoglm.server.http.middleware import RequestInfo
 from openautoglm.server.http.responses import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE, OrjsonResponse, sse_event
@@ -78,8 +79,15 @@ async def serve_generation(
     for gen in gens:
         gen.metadata["http_request_id"] = info.request_id
     timer = app_state.metrics.timer(output.model)
-    call = EngineCall(generator_for(app_state, gens[0].model if gens else None), app_state.server_state)
-    await call.start(gens)  # bad input fails here, as a 4xx, before any byte of the response is sent
+    generator = generator_for(app_state, gens[0].model if gens else None)
+    # Response cache, model and token limits, admission queue (gateway/traffic.py) around the engine.
+    call = EngineCall(app_state.gateway.traffic.wrap(generator, gateway_context(request.scope)), app_state.server_state)
+    try:  # bad input fails here, as a 4xx, before any byte is sent; a client leaving the queue is dropped now
+        await run_unless_disconnected(request.receive, call.start(gens))
+    except ClientDisconnected:
+        info.outcome = "client_disconnected"
+        timer.aborted("client_disconnected")
+        return Response(status_code=499)
     if stream:
         body = _sse(call, output, timer, info)
         return StreamingResponse(body, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
