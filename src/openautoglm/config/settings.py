@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from openautoglm.config.gateway import GatewayConfig
+from openautoglm.config.observability import ObservabilityConfig
 from openautoglm.config.router import RouterConfig
 from openautoglm.config.server import ServerConfig
 from openautoglm.config.store import StoreConfig
@@ -92,6 +93,7 @@ class Settings(BaseSettings):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
 
     @classmethod
     def settings_customise_sources(

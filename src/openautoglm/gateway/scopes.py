@@ -52,6 +52,7 @@ HTTP_SCOPES: dict[tuple[str, str], Scope] = {
     ("GET", "/admin/audit"): Scope.AUDIT_READ,
     ("GET", "/admin/audit/verify"): Scope.AUDIT_READ,
     ("POST", "/admin/audit/prune"): Scope.ADMIN,
+    ("GET", "/admin/diagnostics"): Scope.ADMIN,
     ("POST", "/admin/reload"): Scope.ADMIN,
     ("GET", "/admin/router"): Scope.ADMIN,
     ("GET", "/admin/rollouts/{model:path}"): Scope.ADMIN,

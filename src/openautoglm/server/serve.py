@@ -181,6 +181,7 @@ async def _serve(settings: Settings, engine: AsyncEngine, app: Any, console: Con
     if router is not None:
         await router.start()
         loop.add_signal_handler(signal.SIGHUP, on_sighup, app.state)
+    await app.state.observability.start()  # detectors, event-loop lag
     try:
         while not server.started and not serving.done():
             await asyncio.sleep(0.02)
@@ -194,6 +195,7 @@ async def _serve(settings: Settings, engine: AsyncEngine, app: Any, console: Con
             await router.aclose()
         if grpc_server is not None:
             await grpc_server.stop(0)
+        await app.state.observability.aclose()
         await app.state.gateway.close()
         await engine.shutdown()
     if not server.started:

@@ -13,6 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 import openautoglm
 from openautoglm.config.settings import Settings
 from openautoglm.gateway.service import Gateway
+from openautoglm.observability import diagnostics
 from openautoglm.protocol.multimodal import InferRequest
 from openautoglm.protocol.openai import (
     ChatCompletionChunk,
@@ -67,7 +68,9 @@ def create_app(settings: Settings, engine: Any, gateway: Gateway | None = None) 
     install_error_handlers(app)
     app.state.gateway = gateway if gateway is not None else Gateway(settings)
     app.state.metrics.registry.register(app.state.gateway.traffic.metrics)  # limits, queues, cache in /metrics
-    for router in (health.router, metrics.router, openai.router, infer_router, admin.router, router_admin.router):
+    diagnostics.install(app, settings)  # telemetry and detection metrics, app.state.load_shed
+    routers = (health.router, metrics.router, openai.router, infer_router, admin.router, router_admin.router)
+    for router in (*routers, diagnostics.router):
         app.include_router(router)
     check_scope_table(app)  # a route without a scope would be unprotected: refuse to start instead
     # add_middleware wraps from the inside out: the last one added runs first. Auth runs innermost, so its

@@ -1,0 +1,1 @@
+"""Observability: GPU and host telemetry, anomaly detection and early warnings, tracing."""
