@@ -22,6 +22,7 @@ from openautoglm.backends.http_client import HttpPool, sse_data
 from openautoglm.backends.openai_request import CHAT_PATH, openai_request
 from openautoglm.backends.openai_response import StreamDecoder, UpstreamProtocolError, decode_response
 from openautoglm.config.router import BackendConfig
+from openautoglm.observability.tracing import TRACEPARENT_KEY
 from openautoglm.protocol.errors import ConfigError, InvalidRequestError, PayloadTooLargeError
 from openautoglm.protocol.outputs import RequestOutput
 from openautoglm.protocol.request import GenerationRequest
@@ -100,6 +101,8 @@ class OpenAIBackend(Backend):
 
     def _timeout_and_headers(self, request: GenerationRequest) -> tuple[aiohttp.ClientTimeout, dict[str, str]]:
         headers = {**self._headers, "X-Request-Id": request.request_id}
+        if traceparent := request.metadata.get(TRACEPARENT_KEY):  # W3C trace context of the backend call
+            headers["traceparent"] = traceparent
         total = None
         deadline = request.metadata.get(DEADLINE_KEY)
         if isinstance(deadline, (int, float)):

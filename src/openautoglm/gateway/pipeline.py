@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from openautoglm.observability import tracing
 from openautoglm.protocol.errors import ConfigError
 
 
@@ -63,7 +64,8 @@ class Pipeline:
         ran: list[Policy] = ctx.notes.setdefault("_policies_ran", [])
         for policy in self.policies:
             ran.append(policy)
-            await policy.before(ctx)
+            with tracing.span(f"gateway.{policy.name}"):
+                await policy.before(ctx)
 
     async def after(self, ctx: GatewayContext, outcome: Outcome) -> None:
         for policy in reversed(ctx.notes.get("_policies_ran", [])):

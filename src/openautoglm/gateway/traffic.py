@@ -25,6 +25,7 @@ from openautoglm.gateway.limiter_redis import RedisLimiter
 from openautoglm.gateway.limits import HEADERS_NOTE, LimitsBook, LimitsPolicy, TokenLimits, TokenReservation
 from openautoglm.gateway.pipeline import GatewayContext
 from openautoglm.gateway.traffic_metrics import TrafficMetrics
+from openautoglm.observability import tracing
 from openautoglm.protocol.errors import ConfigError
 from openautoglm.protocol.outputs import RequestOutput
 from openautoglm.protocol.request import GenerationRequest
@@ -190,13 +191,15 @@ class TrafficCall:
             version = model_version(self.inner, model, t.cfg.cache.version_salt)
             key = cache_key(t.cache.namespace(tenant), version, req)
             store = "no-store" not in control
-            hit = None if "no-cache" in control else await t.cache.get(key)
+            with tracing.span("gateway.cache"):
+                hit = None if "no-cache" in control else await t.cache.get(key)
             if hit is not None:
                 self._note_tier("hit-" + hit[1])
                 yield decode(hit[0], req.request_id)
                 return
             self._note_tier("miss")
-        reservation = await self._reserve(req, model)
+        with tracing.span("gateway.rate_limit"):
+            reservation = await self._reserve(req, model)
         queue = None
         finished = False
         try:
@@ -206,9 +209,10 @@ class TrafficCall:
                     self.identity.key_id if self.identity else None,
                     self.identity.tenant if self.identity else None, self._requested_priority(req),
                 )  # fmt: skip
-                await queue.admit(req.priority)
+                with tracing.span("gateway.queue", {"autoglm.priority": req.priority}):
+                    await queue.admit(req.priority)
             final: RequestOutput | None = None
-            async for chunk in self.inner.generate(req):
+            async for chunk in tracing.traced_generate(self.inner, req):  # the backend call's span
                 if reservation is not None:
                     reservation.track(chunk)
                 if key is not None and store:

@@ -21,6 +21,7 @@ from openautoglm.backends.factory import build_backend
 from openautoglm.backends.http_client import HttpPool
 from openautoglm.backends.local import Engine
 from openautoglm.config.router import BackendConfig, DeploymentConfig, RouterConfig
+from openautoglm.observability import tracing
 from openautoglm.protocol.errors import AutoGLMError, ConfigError, InternalError, ModelNotFoundError
 from openautoglm.protocol.outputs import FinishReason, RequestOutput
 from openautoglm.protocol.request import GenerationRequest
@@ -238,7 +239,8 @@ class Router:
         attempt = 0
         while True:
             attempt += 1
-            state = dep.pick(request, version, needs, tried)
+            with tracing.span("router.route", {"autoglm.deployment": dep.cfg.model, "autoglm.attempt": attempt}):
+                state = dep.pick(request, version, needs, tried)
             tried.add(state.name)
             request.metadata[ROUTE_KEY] = {"backend": state.name, "version": state.backend.version, "attempts": attempt}
             stream = self._attempt(dep, state, request)

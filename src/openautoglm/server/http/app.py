@@ -13,7 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 import openautoglm
 from openautoglm.config.settings import Settings
 from openautoglm.gateway.service import Gateway
-from openautoglm.observability import diagnostics
+from openautoglm.observability import diagnostics, tracing
 from openautoglm.protocol.multimodal import InferRequest
 from openautoglm.protocol.openai import (
     ChatCompletionChunk,
@@ -92,6 +92,7 @@ def create_app(settings: Settings, engine: Any, gateway: Gateway | None = None) 
             expose_headers=[cfg.request_id_header, "Retry-After"],
         )
     app.add_middleware(RequestContextMiddleware, config=cfg, state=state, metrics=app.state.metrics)
+    tracing.instrument_app(app, settings.observability.tracing)  # outermost: the request's server span
     _install_openapi(app)
     return app
 
