@@ -249,7 +249,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "openautoglm"
-    max_model_len: int
+    max_model_len: int | None = Field(None, description="Context length; null when routed backends do not say")
     capabilities: ModelCapabilities
 
 

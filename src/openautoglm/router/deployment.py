@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from openautoglm.backends.base import Capabilities
 from openautoglm.config.router import DeploymentConfig, RouterConfig
 from openautoglm.protocol.errors import ContextLengthExceededError, ServiceUnavailableError, UnsupportedMediaTypeError
 from openautoglm.protocol.request import GenerationRequest
@@ -114,6 +115,17 @@ class Deployment:
             )
         key = affinity_key(request, self.cfg.affinity_key, self.cfg.affinity_prefix_chars)
         return self.balancer.pick(pool, key)
+
+    def capabilities(self) -> Capabilities:
+        """What the deployment as a whole takes: any backend's modalities, the longest context one of them
+        reports (None when none does), streaming when one streams. Requests are still filtered per backend."""
+        caps = [s.backend.capabilities for s in self.states]
+        contexts = [c.max_context for c in caps if c.max_context is not None]
+        return Capabilities(
+            modalities=frozenset().union(*(c.modalities for c in caps)) or frozenset({"text"}),
+            max_context=max(contexts) if contexts else None,
+            streaming=any(c.streaming for c in caps),
+        )
 
     def may_eject(self) -> bool:
         states = self.states

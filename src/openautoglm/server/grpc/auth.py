@@ -4,16 +4,20 @@ from the same table as HTTP (gateway/scopes.py)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
 
 from openautoglm.gateway.bruteforce import client_address
-from openautoglm.gateway.pipeline import GatewayContext, Outcome
+from openautoglm.gateway.pipeline import GatewayContext, Identity, Outcome
 from openautoglm.gateway.scopes import GRPC_SCOPES
 from openautoglm.gateway.service import Gateway
 from openautoglm.protocol.errors import AutoGLMError, PermissionDeniedError
 from openautoglm.server.grpc.errors import abort
+
+# The caller of the RPC being served, set by the interceptor for the servicer (which has no gateway context).
+CALLER: ContextVar[Identity | None] = ContextVar("autoglm_grpc_caller", default=None)
 
 
 def _peer_address(peer: str) -> str | None:
@@ -59,6 +63,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         except AutoGLMError as exc:
             await self.gateway.pipeline.after(ctx, Outcome(exc.http_status, exc.code))
             await abort(context, exc)
+        CALLER.set(ctx.identity)  # the handler runs in this context (streams' tasks copy it)
         return ctx
 
     async def intercept_service(

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 import grpc
 
 import openautoglm
+from openautoglm.gateway.access import require_model
 from openautoglm.protocol.errors import AutoGLMError, ConfigError, EngineError, ServiceUnavailableError
 from openautoglm.protocol.outputs import FinishReason, RequestOutput, Usage
-from openautoglm.server.grpc.auth import AuthInterceptor
+from openautoglm.server.grpc.auth import CALLER, AuthInterceptor
 from openautoglm.server.grpc.convert import (
     FINAL_RESPONSE,
     MODEL_VERSION,
@@ -117,7 +118,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _parse(self, request: pb.ModelInferRequest) -> InferCall:
         if not self._is_ready():
             raise ServiceUnavailableError("the server is not ready (loading or draining); retry later", retry_after=1)
-        return parse_infer_request(request, served_model=self._engine.model_name, request_id=f"grpc-{uuid.uuid4().hex}")
+        call = parse_infer_request(request, served_model=self._engine.model_name, request_id=f"grpc-{uuid.uuid4().hex}")
+        require_model(CALLER.get(), call.request.model or self._engine.model_name)
+        return call
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext

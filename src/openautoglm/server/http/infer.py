@@ -37,7 +37,7 @@ from openautoglm.server.http.media import (
 from openautoglm.server.http.openai_output import OutputBase
 from openautoglm.server.http.parsing import body_schema, parse_body
 from openautoglm.server.http.responses import SSE_DONE, SSE_MEDIA_TYPE, sse_event
-from openautoglm.server.http.serving import accept_model, serve_generation
+from openautoglm.server.http.serving import accept_model, modalities_of, serve_generation
 
 router = APIRouter(tags=["Native"])
 _STREAM_DOC = "The result; with stream=true, InferStreamChunk events ending with data: [DONE]"
@@ -73,7 +73,7 @@ async def infer(request: Request) -> Response:
     media: dict[int, ValidatedMedia] = {}
     if any(item.modality != "text" for item in envelope.inputs):  # decoding images is CPU work
         media = await run_in_threadpool(validate_envelope_media, envelope, request.app.state.settings.server.media)
-    check_modalities({item.modality for item in envelope.inputs}, request.app.state.engine.modalities)
+    check_modalities({item.modality for item in envelope.inputs}, modalities_of(request.app.state, model))
     gen = build_generation_request(envelope, media, request_id=f"infer-{uuid.uuid4().hex}", model=model)
     output = InferOutputs(gen.request_id, model, gen.sampling.n)
     return await serve_generation(request, [gen], output, stream=envelope.stream)

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from openautoglm.gateway.access import require_model, visible_models
 from openautoglm.protocol.errors import InvalidRequestError
 from openautoglm.protocol.openai import (
     ChatCompletionChunk,
@@ -28,12 +29,12 @@ from openautoglm.protocol.openai import (
 )
 from openautoglm.protocol.request import GenerationRequest
 from openautoglm.server.http.media import validate_image_data_uri
-from openautoglm.server.http.openai_chat_output import ChatOutput
+from openautoglm.server.http.openai_chat_output import ChatOutput, TokenBytes, text_bytes
 from openautoglm.server.http.openai_completion_output import CompletionOutputs
 from openautoglm.server.http.openai_convert import chat_messages, chat_request, completion_requests, has_media
 from openautoglm.server.http.parsing import body_schema, parse_body
 from openautoglm.server.http.responses import OrjsonResponse
-from openautoglm.server.http.serving import accept_model, resolve_model, serve_generation
+from openautoglm.server.http.serving import accept_model, modalities_of, resolve_model, serve_generation
 
 router = APIRouter(tags=["OpenAI"])
 
@@ -72,6 +73,7 @@ def _sse_event_schema(chunk_model: type) -> dict[str, Any]:
 
 
 def model_card(request: Request) -> dict[str, Any]:
+    """The local engine's model."""
     engine = request.app.state.engine
     return {
         "id": engine.model_name,
@@ -89,15 +91,51 @@ def model_card(request: Request) -> dict[str, Any]:
     }
 
 
+def routed_card(request: Request, model: str) -> dict[str, Any]:
+    """A routed deployment's model, as its backends describe themselves."""
+    caps = request.app.state.router.deployment(model).capabilities()
+    return {
+        "id": model,
+        "object": "model",
+        "created": request.app.state.started_at,
+        "owned_by": "openautoglm",
+        "max_model_len": caps.max_context,
+        "capabilities": {
+            "modalities": sorted(caps.modalities),
+            "chat": True,
+            "completions": True,
+            "streaming": caps.streaming,
+            "logprobs": True,
+        },
+    }
+
+
+def _card(request: Request, model: str) -> dict[str, Any]:
+    return model_card(request) if model == request.app.state.engine.model_name else routed_card(request, model)
+
+
+def _router(request: Request) -> Any:
+    return getattr(request.app.state, "router", None)
+
+
 @router.get("/v1/models", responses={200: {"model": ModelList}})
 async def list_models(request: Request) -> Response:
-    return OrjsonResponse({"object": "list", "data": [model_card(request)]})
+    """The local engine's model and the routed deployments' models, those the caller's key may use."""
+    rt = _router(request)
+    names = [request.app.state.engine.model_name, *(rt.model_names if rt is not None else [])]
+    allowed = visible_models(getattr(request.state, "identity", None), dict.fromkeys(names))
+    return OrjsonResponse({"object": "list", "data": [_card(request, m) for m in allowed]})
 
 
-@router.get("/v1/models/{model_id:path}", responses={200: {"model": ModelCard}, 404: _ERRORS[404]})
+@router.get(
+    "/v1/models/{model_id:path}",
+    responses={200: {"model": ModelCard}, 403: {"model": ErrorResponse, "description": "Model not allowed for the key"},
+               404: _ERRORS[404]},
+)  # fmt: skip
 async def get_model(model_id: str, request: Request) -> Response:
-    resolve_model(request.app.state.engine, model_id)
-    return OrjsonResponse(model_card(request))
+    model = resolve_model(request.app.state.engine, model_id, _router(request))
+    require_model(getattr(request.state, "identity", None), model)
+    return OrjsonResponse(_card(request, model))
 
 
 # --- chat completions and completions ----------------------------------------------------------------------
@@ -119,20 +157,20 @@ async def chat_completions(request: Request) -> Response:
         body,
         rid,
         model=model,
-        modalities=engine.modalities,
+        modalities=modalities_of(request.app.state, model),
         image_check=lambda url, param: validate_image_data_uri(url, media_cfg, param=param),
     )
     # Decoding images is CPU work: keep it off the event loop.
     gen = await run_in_threadpool(convert) if has_media(body.messages) else convert()
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    tokenizer = engine.tokenizer
     output = ChatOutput(
         rid,
         model,
         gen.sampling.n,
         top_logprobs=gen.sampling.logprobs,
         include_usage=include_usage,
-        token_bytes=lambda token_id, _text: tokenizer.token_bytes(token_id),
+        # Another model's token ids mean nothing to this tokenizer: those bytes come from the token's text.
+        token_bytes=_engine_token_bytes(engine.tokenizer) if model == engine.model_name else text_bytes,
     )
     return await serve_generation(request, [gen], output, stream=bool(body.stream))
 
@@ -159,6 +197,12 @@ async def completions(request: Request) -> Response:
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
     return await serve_generation(request, gens, output, stream=bool(body.stream))
+
+
+def _engine_token_bytes(tokenizer: Any) -> TokenBytes:
+    """The engine tokenizer's bytes of a token; its text's where the id is unknown (-1, as remote backends
+    report)."""
+    return lambda token_id, text: tokenizer.token_bytes(token_id) if token_id >= 0 else text.encode("utf-8")
 
 
 def _prompt_text(engine: Any, gen: GenerationRequest) -> str:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from openautoglm.gateway.access import require_model
 from openautoglm.protocol.errors import AutoGLMError, InternalError, ModelNotFoundError
 from openautoglm.protocol.outputs import RequestOutput, Usage
 from openautoglm.protocol.request import GenerationRequest
@@ -59,10 +60,20 @@ def generator_for(app_state: Any, model: str | None) -> Any:
     return app_state.engine
 
 
+def modalities_of(app_state: Any, model: str) -> frozenset[str]:
+    """The input modalities ``model`` takes: a routed deployment's backends decide, else the local engine."""
+    generator = generator_for(app_state, model)
+    if generator is app_state.engine:
+        return frozenset(app_state.engine.modalities)
+    return frozenset(generator.deployment(model).capabilities().modalities)
+
+
 def accept_model(request: Request, name: str | None, prompt_text: Callable[[], str]) -> str:
-    """The served model's name (404 for another), noted with the prompt (only if log_prompts) for the log."""
+    """The served model's name (404 for another; 403 for one the caller's key may not use), noted with the
+    prompt (only if log_prompts) for the log."""
     app_state = request.app.state
     model = resolve_model(app_state.engine, name, getattr(app_state, "router", None))
+    require_model(getattr(request.state, "identity", None), model)
     info: RequestInfo = request.state.info
     info.model = model
     if app_state.settings.server.log_prompts:
