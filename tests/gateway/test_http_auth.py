@@ -62,6 +62,7 @@ SAMPLES: dict[tuple[str, str], tuple[str, dict[str, Any] | None]] = {
     ("POST", "/admin/audit/prune"): ("/admin/audit/prune", {"before": "2000-01-01T00:00:00Z"}),
     ("POST", "/admin/reload"): ("/admin/reload", None),
     ("GET", "/admin/router"): ("/admin/router", None),
+    ("GET", "/admin/diagnostics"): ("/admin/diagnostics", None),
     ("GET", "/admin/rollouts/{model:path}"): ("/admin/rollouts/routed", None),
     ("POST", "/admin/rollouts/{model:path}/{action}"): ("/admin/rollouts/routed/start", {"version": "v2"}),
 }
