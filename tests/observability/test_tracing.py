@@ -1,0 +1,191 @@
+"""Traces through the full path, captured with an in-memory exporter: the span tree and its attributes, a
+client's traceparent continued, reaching a fake remote backend, and trace ids in the request's log lines."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from openautoglm.config.observability import TracingConfig
+from openautoglm.config.router import RouterConfig
+from openautoglm.config.settings import Settings, load_settings
+from openautoglm.engine.async_engine import AsyncEngine
+from openautoglm.observability import tracing
+from openautoglm.router.router import Router
+from openautoglm.server.http.app import create_app
+
+pytest.importorskip("opentelemetry.sdk")
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_PARENT = "00f067aa0ba902b7"
+
+
+def _fake_openai() -> ModuleType:
+    if "fake_openai" in sys.modules:
+        return sys.modules["fake_openai"]
+    path = Path(__file__).parents[1] / "backends" / "fake_openai.py"
+    spec = importlib.util.spec_from_file_location("fake_openai", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fake_openai"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[AsyncEngine]:
+    settings = load_settings(overrides={"engine": {"cache": {"num_blocks": 64}}}, environ={})
+    eng = AsyncEngine.from_config(settings.engine)
+    yield eng
+    asyncio.run(eng.shutdown())
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    exp = InMemorySpanExporter()
+    tracing.setup(TracingConfig(enabled=True, exporter="none"), exporter=exp)
+    yield exp
+    tracing.shutdown()
+
+
+def settings_for(data_dir: Path, **extra: Any) -> Settings:
+    return Settings.model_validate({
+        "gateway": {"auth": {"required": False}}, "store": {"data_dir": str(data_dir)},
+        "observability": {"tracing": {"enabled": True, "exporter": "none"}}, **extra,
+    })  # fmt: skip
+
+
+@pytest.fixture
+async def client(engine: AsyncEngine, tmp_path: Path, exporter: InMemorySpanExporter) -> AsyncIterator[Any]:
+    app = create_app(settings_for(tmp_path), engine)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        yield c
+    await app.state.gateway.close()
+
+
+def by_name(exporter: InMemorySpanExporter) -> dict[str, Any]:
+    return {s.name: s for s in exporter.get_finished_spans()}
+
+
+async def test_span_tree_of_a_local_request(client: httpx.AsyncClient, exporter: InMemorySpanExporter) -> None:
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 200
+    usage = resp.json()["usage"]
+    spans = by_name(exporter)
+    root = spans["POST /v1/chat/completions"]
+    assert root.parent is None and root.kind.name == "SERVER"
+    assert root.attributes["http.response.status_code"] == 200
+    assert root.attributes["http.route"] == "/v1/chat/completions"
+    assert root.attributes["autoglm.request_id"] == resp.headers["x-request-id"]
+    for name in ("gateway.auth", "gateway.rate_limit", "gateway.queue", "chat demo"):
+        assert spans[name].parent.span_id == root.context.span_id, name
+        assert spans[name].context.trace_id == root.context.trace_id
+    call = spans["chat demo"]
+    assert call.kind.name == "CLIENT"
+    assert call.attributes["gen_ai.operation.name"] == "chat"
+    assert call.attributes["gen_ai.request.model"] == "demo"
+    assert call.attributes["gen_ai.request.max_tokens"] == 5
+    assert call.attributes["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
+    assert call.attributes["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
+    assert list(call.attributes["gen_ai.response.finish_reasons"]) == [resp.json()["choices"][0]["finish_reason"]]
+    prefill, decode = spans["engine.prefill"], spans["engine.decode"]
+    assert prefill.parent.span_id == decode.parent.span_id == call.context.span_id
+    assert prefill.attributes["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
+    assert decode.attributes["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
+    assert prefill.attributes["autoglm.batch_size"] >= 1
+    assert call.start_time <= prefill.start_time <= prefill.end_time <= decode.start_time <= decode.end_time
+    assert decode.end_time <= call.end_time <= root.end_time
+
+
+async def test_client_traceparent_is_continued(client: httpx.AsyncClient, exporter: InMemorySpanExporter) -> None:
+    headers = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"}
+    body = {"model": "demo", "prompt": "hello", "max_tokens": 2}
+    assert (await client.post("/v1/completions", json=body, headers=headers)).status_code == 200
+    root = by_name(exporter)["POST /v1/completions"]
+    assert format(root.context.trace_id, "032x") == CLIENT_TRACE
+    assert format(root.parent.span_id, "016x") == CLIENT_PARENT
+    assert by_name(exporter)["text_completion demo"].context.trace_id == root.context.trace_id
+
+
+async def test_an_unsampled_parent_records_nothing(client: httpx.AsyncClient, exporter: InMemorySpanExporter) -> None:
+    headers = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-00"}
+    body = {"model": "demo", "prompt": "hello", "max_tokens": 2}
+    assert (await client.post("/v1/completions", json=body, headers=headers)).status_code == 200
+    assert exporter.get_finished_spans() == ()
+
+
+async def test_traceparent_reaches_a_remote_backend(
+    engine: AsyncEngine, tmp_path: Path, exporter: InMemorySpanExporter
+) -> None:
+    fake = await _fake_openai().FakeOpenAI("remote").start()
+    cfg = RouterConfig.model_validate(
+        {"enabled": True, "deployments": [{"model": "remote", "backends": [{"name": "r", "url": fake.url}]}]}
+    )
+    app: FastAPI = create_app(settings_for(tmp_path), engine)
+    app.state.router = Router(cfg, engine=engine)
+    headers = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"}
+    body = {"model": "remote", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            assert (await c.post("/v1/chat/completions", json=body, headers=headers)).status_code == 200
+    finally:
+        await app.state.router.aclose()
+        await app.state.gateway.close()
+        await fake.stop()
+    spans = by_name(exporter)
+    call, route = spans["chat remote"], spans["router.route"]
+    sent = {k.lower(): v for k, v in fake.headers[-1].items()}.get("traceparent")
+    assert sent == f"00-{CLIENT_TRACE}-{format(call.context.span_id, '016x')}-01"
+    assert route.parent.span_id == spans["POST /v1/chat/completions"].context.span_id
+    assert "engine.prefill" not in spans  # phases are the local engine's only
+
+
+async def test_trace_ids_in_log_lines(exporter: InMemorySpanExporter) -> None:
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(self.format(record))
+
+    logger = logging.getLogger("openautoglm.test_tracing")
+    handler = Keep()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    tracing.install_log_filter(iter([logger]))
+    with tracing.span("outer") as s:
+        logger.info("plain %s", "line")
+        logger.info('{"event":"access","status":200}')
+        ids = (format(s.get_span_context().trace_id, "032x"), format(s.get_span_context().span_id, "016x"))
+    logger.info("outside")
+    logger.removeHandler(handler)
+    assert records[0] == f"plain line trace_id={ids[0]} span_id={ids[1]}"
+    assert records[1] == f'{{"event":"access","status":200,"trace_id":"{ids[0]}","span_id":"{ids[1]}"}}'
+    assert records[2] == "outside"
+
+
+def test_off_means_no_op() -> None:
+    tracing.shutdown()
+    assert not tracing.enabled()
+    assert tracing.span("x") is tracing.span("y")  # one shared no-op
+    assert tracing.start_span("x") is None and tracing.current_ids() is None
+
+
+def test_sampling_ratio_zero_records_nothing_new() -> None:
+    exp = InMemorySpanExporter()
+    tracing.setup(TracingConfig(enabled=True, sample_ratio=0.0, exporter="none"), exporter=exp)
+    with tracing.span("dropped"):
+        pass
+    tracing.shutdown()
+    assert exp.get_finished_spans() == ()
