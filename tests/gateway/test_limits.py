@@ -56,7 +56,9 @@ ops = st.lists(
     min_size=1,
     max_size=40,
 )
-rates = st.builds(Rate, limit=st.integers(1, 100), interval_us=st.integers(1_000, 2_000_000), capacity=st.integers(1, 10))
+rates = st.builds(
+    Rate, limit=st.integers(1, 100), interval_us=st.integers(1_000, 2_000_000), capacity=st.integers(1, 10)
+)
 
 
 async def replay(limiter: Limiter, key: str, rate: Rate, steps: list[tuple[int, int, str]]) -> None:
