@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from openautoglm.cli import audit, bench, config, estimate, generate, keys, rollout, serve
+from openautoglm.cli import audit, bench, config, doctor, estimate, generate, keys, rollout, serve
 
 app = typer.Typer(
     name="autoglm",
@@ -21,6 +21,7 @@ audit.register(app)
 rollout.register(app)
 config.register(app)
 estimate.register(app)
+doctor.register(app)
 
 if __name__ == "__main__":
     app()
