@@ -49,3 +49,19 @@ def test_bench_offline_reports_json() -> None:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     engine = result["results"][0]
     assert engine["num_requests"] == 4 and engine["output_tokens"] == 16
+
+
+@pytest.mark.slow
+def test_chat_keeps_history_and_exits_on_eof() -> None:
+    chat = subprocess.run(
+        [*AUTOGLM, "chat", "--max-tokens", "4", "--temperature", "0"],
+        input="hello there\n/reset\nagain\n",
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert chat.returncode == 0, chat.stderr
+    # Two answered turns, the /reset line in between answered with nothing, then EOF ends the session.
+    assert chat.stdout.count("glm>") == 2
+    assert chat.stdout.count("you>") == 4
