@@ -108,6 +108,7 @@ class EngineCore:
             self.max_model_len,
             self.arch.vocab_size,
             self.kv_cache.num_usable_blocks * block_size,
+            stop_token_ids=frozenset(self.tokenizer.eos_token_ids) | frozenset(self.arch.eos_token_ids),
         )
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.arch.eos_token_ids)
         self._groups: dict[str, _Group] = {}
@@ -176,6 +177,7 @@ class EngineCore:
                 parent_id=rid,
                 index=index,
                 generator=_generator(params.seed, index, self.device),
+                logits_processors=[f()] if (f := processed.logits_processor_factory) is not None else [],
             )
             detok = IncrementalDetokenizer(
                 self.tokenizer,

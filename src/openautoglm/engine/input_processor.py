@@ -6,9 +6,13 @@ anything reaches the scheduler; nothing a client sends can crash the step loop.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from openautoglm.config.settings import SchedulerConfig
+from openautoglm.engine.guided import GuidedCompiler
+from openautoglm.engine.request import LogitsProcessor
 from openautoglm.engine.tokenizer import Tokenizer
 from openautoglm.protocol.errors import ContextLengthExceededError, InvalidRequestError
 from openautoglm.protocol.request import GenerationRequest
@@ -21,6 +25,8 @@ class ProcessedRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams  # max_tokens always set
     priority: int
+    # Makes each sequence's logits processor (guided decoding); compiled here, off the step loop.
+    logits_processor_factory: Callable[[], LogitsProcessor] | None = None
 
 
 class InputProcessor:
@@ -31,6 +37,7 @@ class InputProcessor:
         max_model_len: int,
         vocab_size: int,
         kv_capacity_tokens: int,
+        stop_token_ids: frozenset[int] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.max_n = scheduler_config.max_n
@@ -38,6 +45,9 @@ class InputProcessor:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.kv_capacity_tokens = kv_capacity_tokens
+        self.stop_token_ids = stop_token_ids if stop_token_ids is not None else tokenizer.eos_token_ids
+        self._guided: GuidedCompiler | None = None
+        self._guided_lock = threading.Lock()
 
     def process(self, request: GenerationRequest) -> ProcessedRequest:
         request.validate_prompt()
@@ -56,7 +66,16 @@ class InputProcessor:
             prompt_token_ids=prompt_ids,
             sampling=self._bound_max_tokens(params, len(prompt_ids)),
             priority=request.priority,
+            logits_processor_factory=None if request.guided is None else self.guided.processor_factory(request.guided),
         )
+
+    @property
+    def guided(self) -> GuidedCompiler:
+        """The grammar compiler, built on first use (its vocabulary index costs time on large vocabularies)."""
+        with self._guided_lock:
+            if self._guided is None:
+                self._guided = GuidedCompiler(self.tokenizer, self.vocab_size, sorted(self.stop_token_ids))
+            return self._guided
 
     def _prompt_token_ids(self, request: GenerationRequest) -> list[int]:
         if request.prompt_token_ids is not None:
@@ -73,7 +92,7 @@ class InputProcessor:
             return list(ids)
         if request.messages is not None:
             text = self.tokenizer.apply_chat_template(
-                request.messages, add_generation_prompt=True, **request.chat_template_kwargs
+                request.messages, add_generation_prompt=True, tools=request.tools, **request.chat_template_kwargs
             )
             param = "messages"
         else:

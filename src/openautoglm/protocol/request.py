@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from openautoglm.protocol.errors import InvalidRequestError
+from openautoglm.protocol.guided import GuidedDecoding
 from openautoglm.protocol.sampling import SamplingParams
 
 ChatMessage = dict[str, Any]  # {"role": ..., "content": str | list of parts, ...}, as in the OpenAI API
@@ -24,6 +25,9 @@ class GenerationRequest:
     model: str | None = None
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)  # user, tenant, trace ids: carried, never interpreted
+    guided: GuidedDecoding | None = None  # constrained decoding (structured outputs, forced tool calls)
+    tools: list[dict[str, Any]] | None = None  # OpenAI tool definitions, rendered by the chat template
+    tool_choice: str | dict[str, Any] | None = None  # as the client sent it (remote backends get it as is)
 
     def validate_prompt(self) -> None:
         given = [x is not None for x in (self.prompt, self.prompt_token_ids, self.messages)]
