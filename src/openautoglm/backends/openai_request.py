@@ -47,6 +47,7 @@ def openai_request(request: GenerationRequest, *, model: str, stream: bool) -> t
         body["priority"] = request.priority
     if chat and request.chat_template_kwargs:
         body["chat_template_kwargs"] = dict(request.chat_template_kwargs)
+    body.update(structured_fields(request, chat=chat))
     user = request.metadata.get("user")
     if isinstance(user, str):
         body["user"] = user
@@ -101,4 +102,34 @@ def sampling_fields(params: SamplingParams, *, chat: bool) -> dict[str, Any]:
         value = getattr(params, name)
         if value != getattr(_DEFAULTS, name):
             out[name] = list(value) if isinstance(value, list) else value
+    return out
+
+
+def structured_fields(request: GenerationRequest, *, chat: bool) -> dict[str, Any]:
+    """Tools and output constraints as the client gave them: the backend enforces them itself. A forced tool
+    call travels as ``tool_choice``, not as the grammar the local engine would build for it."""
+    out: dict[str, Any] = {}
+    if chat and request.tools is not None:
+        out["tools"] = request.tools
+    if chat and request.tool_choice is not None:
+        out["tool_choice"] = request.tool_choice
+    g = request.guided
+    if g is None or g.tool_call is not None:
+        return out
+    if g.json_object or (g.json_schema is not None and g.param == "response_format"):
+        if not chat:
+            out["guided_json"] = g.json_schema if g.json_schema is not None else {"type": "object"}
+        elif g.json_object:
+            out["response_format"] = {"type": "json_object"}
+        else:
+            schema = {"name": "response", "schema": g.json_schema, "strict": g.strict}
+            out["response_format"] = {"type": "json_schema", "json_schema": schema}
+    elif g.json_schema is not None:
+        out["guided_json"] = g.json_schema
+    elif g.choice is not None:
+        out["guided_choice"] = list(g.choice)
+    elif g.regex is not None:
+        out["guided_regex"] = g.regex
+    elif g.grammar is not None:
+        out["guided_grammar"] = g.grammar
     return out

@@ -65,7 +65,8 @@ class StreamOptions(_Request):
 
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: dict[str, Any] | None = Field(None, description="{'name', 'schema', 'strict'} as in OpenAI's API")
+    strict: bool | None = None
 
 
 class _SamplingFields(_Request):
@@ -93,6 +94,10 @@ class _SamplingFields(_Request):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     priority: int | None = Field(None, description="Lower runs first under the priority scheduling policy")
+    guided_json: dict[str, Any] | None = Field(None, description="Output valid against this JSON Schema")
+    guided_choice: list[str] | None = Field(None, description="Output exactly one of these strings")
+    guided_regex: str | None = Field(None, description="Output matching this regular expression")
+    guided_grammar: str | None = Field(None, description="Output of this EBNF grammar (rule root starts)")
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -102,7 +107,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported yet; must be absent or empty")
+    tools: list[dict[str, Any]] | None = Field(None, description="Functions the model may call (GLM tool format)")
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = Field(

@@ -35,6 +35,7 @@ from openautoglm.server.http.openai_convert import chat_messages, chat_request, 
 from openautoglm.server.http.parsing import body_schema, parse_body
 from openautoglm.server.http.responses import OrjsonResponse
 from openautoglm.server.http.serving import accept_model, modalities_of, resolve_model, serve_generation
+from openautoglm.server.http.tool_calls import ToolChatOutput
 
 router = APIRouter(tags=["OpenAI"])
 
@@ -163,15 +164,20 @@ async def chat_completions(request: Request) -> Response:
     # Decoding images is CPU work: keep it off the event loop.
     gen = await run_in_threadpool(convert) if has_media(body.messages) else convert()
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    output = ChatOutput(
-        rid,
-        model,
-        gen.sampling.n,
-        top_logprobs=gen.sampling.logprobs,
-        include_usage=include_usage,
+    output_kwargs: dict[str, Any] = {
+        "top_logprobs": gen.sampling.logprobs,
+        "include_usage": include_usage,
         # Another model's token ids mean nothing to this tokenizer: those bytes come from the token's text.
-        token_bytes=_engine_token_bytes(engine.tokenizer) if model == engine.model_name else text_bytes,
-    )
+        "token_bytes": _engine_token_bytes(engine.tokenizer) if model == engine.model_name else text_bytes,
+    }
+    if gen.tools is not None:  # tools rendered: the answer may be a call (or must be, under a forced choice)
+        names = frozenset(t["function"]["name"] for t in gen.tools)
+        forced = gen.guided is not None and gen.guided.tool_call is not None
+        output: ChatOutput = ToolChatOutput(
+            rid, model, gen.sampling.n, function_names=names, forced=forced, **output_kwargs
+        )
+    else:
+        output = ChatOutput(rid, model, gen.sampling.n, **output_kwargs)
     return await serve_generation(request, [gen], output, stream=bool(body.stream))
 
 

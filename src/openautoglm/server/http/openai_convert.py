@@ -21,6 +21,7 @@ from openautoglm.protocol.openai import (
 )
 from openautoglm.protocol.request import GenerationRequest
 from openautoglm.protocol.sampling import SamplingParams
+from openautoglm.server.http.guided_convert import guided_spec, tool_settings
 
 # Checks one image URL (a data: URI) against the media limits; raises 400/413/415. ``param`` names the part.
 ImageCheck = Callable[[str, str], None]
@@ -75,13 +76,7 @@ def chat_request(
     image_check: ImageCheck | None = None,
 ) -> GenerationRequest:
     """Build the engine request; 415 when a message carries a modality the model does not accept."""
-    if req.tools:
-        raise InvalidRequestError("tools are not supported by this server yet; leave them out", param="tools")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise InvalidRequestError(
-            f"response_format {req.response_format.type!r} is not supported yet; only 'text'",
-            param="response_format",
-        )
+    tools = tool_settings(req, guided_spec(req))
     if req.top_logprobs is not None and req.top_logprobs < 0:
         raise InvalidRequestError(f"top_logprobs must be >= 0, got {req.top_logprobs}", param="top_logprobs")
     if req.top_logprobs and not req.logprobs:
@@ -111,6 +106,9 @@ def chat_request(
         model=model,
         chat_template_kwargs=template_kwargs,
         metadata=_metadata(req),
+        guided=tools.guided,
+        tools=tools.tools,
+        tool_choice=req.tool_choice,
     )
 
 
@@ -207,6 +205,7 @@ def completion_requests(req: CompletionRequest, request_id: str, *, model: str) 
         raise InvalidRequestError(f"logprobs must be >= 0, got {req.logprobs}", param="logprobs")
     prompts = _prompts(req.prompt)
     sampling = sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
+    guided = guided_spec(req)
     out = []
     for k, prompt in enumerate(prompts):
         rid = request_id if len(prompts) == 1 else f"{request_id}-{k}"
@@ -216,6 +215,7 @@ def completion_requests(req: CompletionRequest, request_id: str, *, model: str) 
             priority=req.priority or 0,
             model=model,
             metadata=_metadata(req),
+            guided=guided,
         )
         if isinstance(prompt, str):
             gen.prompt = prompt
