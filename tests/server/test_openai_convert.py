@@ -114,8 +114,8 @@ def test_stop_list_and_logprobs() -> None:
         ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
         ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
         ({"logit_bias": {"1": 5.0}}, "logit_bias"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
         ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs"),
         ({"messages": [{"role": "user"}]}, "messages.0.content"),
     ],
