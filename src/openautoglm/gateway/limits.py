@@ -134,10 +134,17 @@ class LimitsBook:
 
 
 async def take(
-    limiter: Limiter, limits: Sequence[Limit], metrics: TrafficMetrics, requested: int = 1
+    limiter: Limiter,
+    limits: Sequence[Limit],
+    metrics: TrafficMetrics,
+    notes: MutableMapping[str, object],
+    unit: str,
+    requested: int = 1,
 ) -> list[Decision]:
-    """Take every bucket or none; a refusal names the first bucket that refused."""
+    """Take every bucket or none, noting the tightest bucket's headers (refusals carry them too); a refusal
+    names the first bucket that refused."""
     decisions = await limiter.acquire_all([lim.charge for lim in limits])
+    add_headers(notes, response_headers(unit, limits, decisions))
     for lim, decision in zip(limits, decisions, strict=True):
         if not decision.allowed:
             metrics.limited.labels(f"{lim.unit}_per_{lim.per}").inc()
@@ -165,8 +172,7 @@ class LimitsPolicy:
             return
         limits = self.book.request_limits(ctx.identity)
         if limits:
-            decisions = await take(self.limiter, limits, self.metrics)
-            add_headers(ctx.notes, response_headers("requests", limits, decisions))
+            await take(self.limiter, limits, self.metrics, ctx.notes, "requests")
         try:
             await self._slots(ctx)
         except RateLimitError:
@@ -227,9 +233,10 @@ class TokenLimits:
     ) -> TokenReservation:
         model_limits = self.book.model_request_limits(model)
         if model_limits:
-            decisions = await take(self.limiter, model_limits, self.metrics)
-            if "x-ratelimit-limit-requests" not in notes.get(HEADERS_NOTE, {}):  # type: ignore[operator]
-                add_headers(notes, response_headers("requests", model_limits, decisions))
+            before = dict(notes.get(HEADERS_NOTE, {}))  # type: ignore[call-overload]
+            await take(self.limiter, model_limits, self.metrics, notes, "requests")
+            if "x-ratelimit-limit-requests" in before:  # the key's own request limit is what the client sees
+                add_headers(notes, {k: v for k, v in before.items() if k.startswith("x-ratelimit-")})
         limits = self.book.token_limits(identity, model, tokens)
         for lim in limits:
             if tokens > lim.charge.rate.limit:
@@ -240,9 +247,8 @@ class TokenLimits:
                     code="tokens_exceed_limit", param="max_tokens",
                 )  # fmt: skip
         try:
-            decisions = await take(self.limiter, limits, self.metrics, tokens)
+            await take(self.limiter, limits, self.metrics, notes, "tokens", tokens)
         except RateLimitError:
             await self.limiter.refund([lim.charge for lim in model_limits])
             raise
-        add_headers(notes, response_headers("tokens", limits, decisions))
         return TokenReservation(self.limiter, [lim.charge for lim in limits], tokens)
