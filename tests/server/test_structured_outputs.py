@@ -191,3 +191,17 @@ def test_remote_backends_get_the_fields_as_given() -> None:
     _, body = openai_request(req, model="m", stream=False)
     assert body["tools"] == TOOLS and body["tool_choice"] == "required"
     assert not {"guided_grammar", "response_format", "guided_json"} & body.keys()
+
+
+async def test_metrics_count_compilations_and_cache_hits(client: httpx.AsyncClient) -> None:
+    def value(text: str, name: str) -> float:
+        return float(re.search(rf"^{name}_total\{{[^}}]*\}} (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+
+    regex = r"[0-9]{2}x[0-9]{2}"  # a constraint no other test uses
+    await chat(client, guided_regex=regex, max_tokens=10)
+    before = (await client.get("/metrics")).text
+    await chat(client, guided_regex=regex, max_tokens=10)
+    after = (await client.get("/metrics")).text
+    assert value(after, "autoglm_guided_grammar_cache_hits") == value(before, "autoglm_guided_grammar_cache_hits") + 1
+    assert value(after, "autoglm_guided_grammar_compilations") == value(before, "autoglm_guided_grammar_compilations")
+    assert value(after, "autoglm_guided_grammar_compile_seconds") > 0

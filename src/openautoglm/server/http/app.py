@@ -25,6 +25,7 @@ from openautoglm.protocol.openai import (
 from openautoglm.server.http import admin, health, metrics, openai, router_admin
 from openautoglm.server.http.auth import AuthMiddleware, check_scope_table
 from openautoglm.server.http.errors import install_error_handlers
+from openautoglm.server.http.guided_metrics import GuidedCollector
 from openautoglm.server.http.infer import router as infer_router
 from openautoglm.server.http.metrics import ServerMetrics
 from openautoglm.server.http.middleware import (
@@ -64,6 +65,7 @@ def create_app(settings: Settings, engine: Any, gateway: Gateway | None = None) 
     app.state.engine = engine
     app.state.server_state = state
     app.state.metrics = ServerMetrics(engine.stats, engine.model_name, state)
+    app.state.metrics.registry.register(GuidedCollector(engine, engine.model_name))
     app.state.started_at = int(time.time())
     install_error_handlers(app)
     app.state.gateway = gateway if gateway is not None else Gateway(settings)
