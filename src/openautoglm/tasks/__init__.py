@@ -1,0 +1,1 @@
+"""Task endpoints' prompt building: a task specification → chat messages, an output constraint and a parser."""
