@@ -613,10 +613,11 @@ def test_process_infer_and_stream_agree(live_server) -> None:
     whole = _text(client.infer(model, _text_input("Open-AutoGLM"), parameters=params))
     responses = _stream_until_final(client, model, "Open-AutoGLM", params)
     assert all(error is None for _, error in responses)
-    assert len(responses) == 10
+    # One response per delta: a token each, unless the stream fell behind the engine and got some merged.
+    assert 1 < len(responses) <= 10
     assert "".join(_text(r) for r, _ in responses) == whole
     finals = [r.get_response().parameters[FINAL_RESPONSE].bool_param for r, _ in responses]
-    assert finals == [False] * 9 + [True]
+    assert finals == [False] * (len(responses) - 1) + [True]
     errors = _stream_until_final(client, model, "x", {"top_k": -5})
     assert errors[0][0] is None and "[INVALID_ARGUMENT]" in str(errors[0][1])
     client.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib.util
 import ipaddress
 import logging
@@ -26,7 +27,8 @@ from rich.console import Console
 
 import openautoglm
 from openautoglm.config.settings import DEMO_MODEL, Settings
-from openautoglm.engine.async_engine import AsyncEngine
+from openautoglm.engine.async_engine import EngineFrontend
+from openautoglm.engine.engine_process import EngineProcess
 from openautoglm.protocol.errors import ConfigError, InvalidRequestError
 from openautoglm.router.rollout import RolloutEvent
 from openautoglm.router.router import Router
@@ -50,30 +52,32 @@ def run_server(settings: Settings, config_file: Path | None = None) -> int:
     model = settings.engine.model.model
     started = time.perf_counter()
     with console.status(f"Open-AutoGLM: loading model [bold]{model}[/bold] …"):
-        import os as _os  # PERF-EXPERIMENT
-        _mode = _os.environ.get("AUTOGLM_PERF_ENGINE", "thread")
-        _thr = int(_os.environ.get("AUTOGLM_PERF_THREADS", "0")) or None
-        if _mode == "process":
-            from openautoglm.engine.engine_process import EngineProcess
-            engine = EngineProcess.start(settings.engine, num_threads=_thr)
-        else:
-            if _thr:
-                import torch
-                torch.set_num_threads(_thr)
-            engine = AsyncEngine.from_config(settings.engine)
+        engine = start_engine(settings)
     console.print(f"Model [bold]{engine.model_name}[/bold] loaded in {time.perf_counter() - started:.1f} s")
     app = create_app(settings, engine)
     app.state.config_file = config_file  # what POST /admin/reload and SIGHUP re-read
     if settings.router.enabled:
         app.state.router = build_router(settings, engine, app.state.gateway)
-    if _os.environ.get("AUTOGLM_PERF_GC", "1") == "1":
-        import gc
-        gc.collect()
-        gc.freeze()
+    freeze_startup_heap()
     return _run_loop(_serve(settings, engine, app, console))
 
 
-def build_router(settings: Settings, engine: AsyncEngine, gateway: Any) -> Router:
+def start_engine(settings: Settings) -> EngineProcess:
+    """The engine in a process of its own, so that the step loop and the event loop never wait for each other's
+    GIL (see engine/engine_process.py). Its torch threads leave one core to this process: on a busy core,
+    OpenMP's parallel regions wait for their slowest thread. An explicit OMP_NUM_THREADS wins."""
+    threads = None if os.environ.get("OMP_NUM_THREADS") else max(1, len(os.sched_getaffinity(0)) - 1)
+    return EngineProcess.start(settings.engine, num_threads=threads)
+
+
+def freeze_startup_heap() -> None:
+    """What start-up built (modules, the app, the tokenizer) lives as long as the process: move it out of the
+    cyclic GC's reach, or every full collection under load scans it all (hundreds of ms each time)."""
+    gc.collect()
+    gc.freeze()
+
+
+def build_router(settings: Settings, engine: EngineFrontend, gateway: Any) -> Router:
     """The router over ``settings.router``'s deployments; API keys of remote backends come from this process's
     environment (read here, at the top, never deeper); rollout steps go to the gateway's audit log."""
 
@@ -145,7 +149,7 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def _serve(settings: Settings, engine: AsyncEngine, app: Any, console: Console) -> int:
+async def _serve(settings: Settings, engine: EngineFrontend, app: Any, console: Console) -> int:
     cfg = settings.server
     state: ServerState = app.state.server_state
     server = _Server(
@@ -213,7 +217,7 @@ async def _uvicorn(server: _Server) -> None:
 
 class _Drain:
     def __init__(
-        self, settings: Settings, engine: AsyncEngine, state: ServerState, server: _Server, grpc_server: Any
+        self, settings: Settings, engine: EngineFrontend, state: ServerState, server: _Server, grpc_server: Any
     ) -> None:
         self.cfg = settings.server
         self.engine = engine
@@ -299,7 +303,7 @@ def _bound_port(server: uvicorn.Server, configured: int) -> int:
     return configured
 
 
-def _banner(console: Console, settings: Settings, engine: AsyncEngine, port: int) -> None:
+def _banner(console: Console, settings: Settings, engine: EngineFrontend, port: int) -> None:
     cfg = settings.server
     base = f"{'https' if settings.gateway.tls.enabled else 'http'}://{cfg.host}:{port}"
     modalities = ", ".join(sorted(engine.modalities))

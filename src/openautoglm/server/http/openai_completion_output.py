@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from openautoglm.protocol.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from openautoglm.protocol.outputs import CompletionOutput, RequestOutput
 from openautoglm.server.http.openai_output import (
     OpenAIStreamOutput,
     finish_fields,
@@ -37,34 +37,38 @@ class CompletionOutputs(OpenAIStreamOutput):
         self.echo_texts = echo_texts
         size = n * num_prompts
         self._texts: list[list[str]] = [[] for _ in range(size)]
-        self._offsets = [0] * size  # characters of text so far, for text_offset
+        self._offsets = [0] * size  # where the next token's text starts, for text_offset
+        self._lengths = [0] * size  # characters of text so far
         self._lp: list[dict[str, list[Any]] | None] = [self._empty_lp() for _ in range(size)]
         self._finish: list[CompletionOutput | None] = [None] * size
         if echo_texts is not None:
             for k, text in enumerate(echo_texts):
                 for i in range(n):
                     self._texts[k * n + i].append(text)
-                    self._offsets[k * n + i] = len(text)
+                    self._offsets[k * n + i] = self._lengths[k * n + i] = len(text)
 
     def _empty_lp(self) -> dict[str, list[Any]] | None:
         if self.logprobs is None:
             return None
         return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
-    def _logprobs_of(self, index: int, lps: list[TokenLogprob], text: str, into: dict[str, list[Any]]) -> None:
-        """Append one chunk's tokens. Offsets are clamped to the chunk's text: a token that is part of a UTF-8
-        character (``bytes:…``) adds no text of its own."""
+    def _add_text(self, index: int, o: CompletionOutput, into: dict[str, list[Any]] | None) -> None:
+        """Count one chunk's text and append its tokens' logprobs. Offsets add up the tokens' texts, whatever
+        chunks they came in (a consumer that fell behind gets several tokens per chunk); a token that is part of
+        a UTF-8 character (``bytes:…``) adds no text of its own, and no offset passes the text sent so far."""
+        self._lengths[index] += len(o.text_delta)
+        if into is None or not o.logprobs_delta:
+            return
         assert self.logprobs is not None
-        start = self._offsets[index]
-        end = start + len(text)
-        at = start
-        for lp in lps:
+        at, end = self._offsets[index], self._lengths[index]
+        for lp in o.logprobs_delta:
             into["tokens"].append(lp.token)
             into["token_logprobs"].append(finite_logprob(lp.logprob))
             into["top_logprobs"].append({t: finite_logprob(v) for _, t, v in lp.top[: self.logprobs]})
             into["text_offset"].append(min(at, end))
             if not lp.token.startswith("bytes:"):
                 at += len(lp.token)
+        self._offsets[index] = at
 
     # --- collected -----------------------------------------------------------------------------------------
 
@@ -73,10 +77,7 @@ class CompletionOutputs(OpenAIStreamOutput):
         for o in out.outputs:
             index = prompt_index * self.n + o.index
             self._texts[index].append(o.text_delta)
-            lp = self._lp[index]
-            if lp is not None and o.logprobs_delta:
-                self._logprobs_of(index, o.logprobs_delta, o.text_delta, lp)
-            self._offsets[index] += len(o.text_delta)
+            self._add_text(index, o, self._lp[index])
             if o.finish_reason is not None:
                 self._finish[index] = o
 
@@ -102,7 +103,5 @@ class CompletionOutputs(OpenAIStreamOutput):
     def stream_choice(self, prompt_index: int, o: CompletionOutput) -> dict[str, Any]:
         index = prompt_index * self.n + o.index
         lp = self._empty_lp()
-        if lp is not None and o.logprobs_delta:
-            self._logprobs_of(index, o.logprobs_delta, o.text_delta, lp)
-        self._offsets[index] += len(o.text_delta)
+        self._add_text(index, o, lp)
         return {"index": index, "text": o.text_delta, "logprobs": lp, "finish_reason": None}

@@ -8,6 +8,8 @@ import time
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+import orjson
+
 from openautoglm.protocol.errors import EngineError
 from openautoglm.protocol.outputs import CompletionOutput, FinishReason, RequestOutput, Usage
 from openautoglm.server.http.responses import SSE_DONE, sse_event
@@ -40,11 +42,15 @@ class OutputBase:
         self.aborted = False  # a sequence ended with finish_reason abort (drain, admin)
 
     def account(self, out: RequestOutput) -> None:
-        failed = out.error is not None or any(o.finish_reason is FinishReason.ERROR for o in out.outputs)
+        failed = out.error is not None
+        for o in out.outputs:
+            reason = o.finish_reason
+            if reason is FinishReason.ERROR:
+                failed = True
+            elif reason is FinishReason.ABORT:
+                self.aborted = True
         if failed:
             raise EngineError(f"generation failed inside the engine: {out.error or 'no detail given'}")
-        for o in out.outputs:
-            self.aborted = self.aborted or o.finish_reason is FinishReason.ABORT
         if out.finished and out.usage is not None:
             self.usage.prompt_tokens += out.usage.prompt_tokens
             self.usage.completion_tokens += out.usage.completion_tokens
@@ -70,12 +76,14 @@ class OpenAIStreamOutput(OutputBase, ABC):
     def __init__(self, response_id: str, model: str, *, include_usage: bool, created: int | None) -> None:
         super().__init__(response_id, model, created)
         self.include_usage = include_usage
+        # Every chunk of the stream shares its envelope: serialise it once, splice each chunk's choices in.
+        envelope = orjson.dumps(self.envelope(self.chunk_object))
+        self._chunk_head = b"data: " + envelope[:-1] + b',"choices":'
+        self._chunk_tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
 
     def stream_chunk(self, choices: list[dict[str, Any]]) -> bytes:
-        body = {**self.envelope(self.chunk_object), "choices": choices}
-        if self.include_usage:
-            body["usage"] = None
-        return sse_event(body)
+        """``{envelope…, "choices": choices[, "usage": null]}`` as one SSE event."""
+        return self._chunk_head + orjson.dumps(choices) + self._chunk_tail
 
     @abstractmethod
     def stream_choice(self, prompt_index: int, o: CompletionOutput) -> dict[str, Any]:

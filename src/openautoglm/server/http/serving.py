@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from openautoglm.gateway.access import require_model
 from openautoglm.protocol.errors import AutoGLMError, InternalError, ModelNotFoundError
@@ -22,7 +22,7 @@ from openautoglm.protocol.request import GenerationRequest
 from openautoglm.server.http.auth import gateway_context
 from openautoglm.server.http.metrics import RequestTimer
 from openautoglm.server.http.middleware import RequestInfo
-from openautoglm.server.http.responses import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE, OrjsonResponse, sse_event
+from openautoglm.server.http.responses import SSE_DONE, SSE_HEADERS, OrjsonResponse, SSEResponse, sse_event
 from openautoglm.server.http.streams import ClientDisconnected, EngineCall, run_unless_disconnected
 
 logger = logging.getLogger("openautoglm.server")
@@ -100,8 +100,7 @@ async def serve_generation(
         timer.aborted("client_disconnected")
         return Response(status_code=499)
     if stream:
-        body = _sse(call, output, timer, info)
-        return StreamingResponse(body, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+        return SSEResponse(_sse(call, output, timer, info, len(gens)), headers=SSE_HEADERS)
     try:
         await run_unless_disconnected(request.receive, _collect(call, output, timer))
     except ClientDisconnected:
@@ -121,28 +120,34 @@ async def _collect(call: EngineCall, output: ServedOutput, timer: RequestTimer) 
         output.add(k, chunk)
 
 
-async def _sse(call: EngineCall, output: ServedOutput, timer: RequestTimer, info: RequestInfo) -> AsyncIterator[bytes]:
-    """Headers are sent by now, so a failure travels as an ``{"error": …}`` event before ``[DONE]``."""
+async def _sse(
+    call: EngineCall, output: ServedOutput, timer: RequestTimer, info: RequestInfo, num_requests: int
+) -> AsyncIterator[bytes]:
+    """The stream's events, one write per engine chunk: events that are ready together (the opening events with
+    the first chunk, the closing ones with the last) go out together. Headers are sent by now, so a failure
+    travels as an ``{"error": …}`` event before ``[DONE]``."""
     done = False
+    events = output.start_events()
     try:
-        for event in output.start_events():
-            yield event
+        unfinished = num_requests
         async for k, chunk in call.chunks():
             timer.saw(chunk)
-            for event in output.chunk_events(k, chunk):
-                yield event
-        for event in output.end_events():
-            yield event
+            events += output.chunk_events(k, chunk)
+            unfinished -= chunk.finished
+            if events and unfinished:
+                yield b"".join(events)
+                events = []
+        events += output.end_events()
+        yield b"".join(events)
         done = True
     except AutoGLMError as exc:
         info.outcome = "error"
-        yield sse_event(exc.to_openai())
-        yield SSE_DONE
+        yield b"".join([*events, sse_event(exc.to_openai()), SSE_DONE])
     except Exception:
         logger.exception("stream of request %s failed", info.request_id)
         info.outcome = "error"
-        yield sse_event(InternalError("internal server error; the server log has the details").to_openai())
-        yield SSE_DONE
+        error = InternalError("internal server error; the server log has the details")
+        yield b"".join([*events, sse_event(error.to_openai()), SSE_DONE])
     finally:
         await call.aclose()
         info.usage = output.usage
