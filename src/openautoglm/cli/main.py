@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from openautoglm.cli import audit, bench, config, doctor, estimate, generate, keys, rollout, serve
+from openautoglm.cli import audit, bench, config, doctor, estimate, generate, keys, rollout, serve, task
 
 app = typer.Typer(
     name="autoglm",
@@ -22,6 +22,7 @@ rollout.register(app)
 config.register(app)
 estimate.register(app)
 doctor.register(app)
+task.register(app)
 
 if __name__ == "__main__":
     app()
