@@ -272,21 +272,23 @@ class Sampler:
             return
         thr = torch.full((n,), _NEG_INF, device=x.device)
         if k_rows:
-            thr[k_rows] = _kth_largest(self._take(x, k_rows, "top_k"), [ks[j] for j in k_rows])
+            thr[_ix(k_rows, x.device)] = _kth_largest(self._take(x, k_rows, "top_k"), [ks[j] for j in k_rows])
         if p_rows:
             kp = [j for j in p_rows if ks[j]]
             if kp:  # top_p reads the distribution top_k left
                 _mask(e, x, thr, kp)
-            z = e.view(n, -1, BLOCK).sum(-1)[p_rows].sum(-1, dtype=torch.float64)
+            pi = _ix(p_rows, x.device)
+            z = e.view(n, -1, BLOCK).sum(-1)[pi].sum(-1, dtype=torch.float64)
             top_p = _dev([sps[j].top_p for j in p_rows], torch.float64, x.device)
-            tp = None if t is None else t[p_rows]
+            tp = None if t is None else t[pi]
             xp, ep = self._take(x, p_rows, "top_p"), e[:, :v]
-            cut = self._top_p_cut(xp, ep, p_rows, m[p_rows], tp, z, top_p, thr[p_rows])
-            thr[p_rows] = torch.maximum(thr[p_rows], cut)
+            cut = self._top_p_cut(xp, ep, p_rows, m[pi], tp, z, top_p, thr[pi])
+            thr[pi] = torch.maximum(thr[pi], cut)
         if mp_rows:
+            mi = _ix(mp_rows, x.device)
             log_min_p = _dev([math.log(sps[j].min_p) for j in mp_rows], torch.float32, x.device)
-            scale = log_min_p if t is None else log_min_p * t[mp_rows, 0]
-            thr[mp_rows] = torch.maximum(thr[mp_rows], m[mp_rows, 0] + scale)
+            scale = log_min_p if t is None else log_min_p * t[mi, 0]
+            thr[mi] = torch.maximum(thr[mi], m[mi, 0] + scale)
         _mask(e, x, thr, sorted({*k_rows, *p_rows, *mp_rows}))
 
     def _top_p_cut(

@@ -4,6 +4,7 @@ path, and GPU-side sampling (seeds, truncation, penalties)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,21 @@ def test_gpu_sampling_seeds_truncation_and_penalties(wide_glm4: Path) -> None:
     greedy = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))[0]
     top1 = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=1.5, top_k=1, ignore_eos=True))[0]
     assert top1.sequences[0].token_ids == greedy.sequences[0].token_ids
+
+
+def test_select_backend_prefers_triton_and_explains_fallbacks(caplog: pytest.LogCaptureFixture) -> None:
+    from openautoglm.engine.attention.selector import select_backend
+    from openautoglm.protocol.errors import ConfigError
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    auto, forced = EngineConfig(), EngineConfig(attention_backend="triton")
+    assert select_backend(auto, gpu, torch.bfloat16).name == "triton"
+    assert select_backend(auto, gpu, torch.float16).name == "triton"
+    assert select_backend(EngineConfig(attention_backend="reference"), gpu, torch.bfloat16).name == "reference"
+    with caplog.at_level(logging.WARNING):
+        assert select_backend(auto, gpu, torch.float32).name == "reference"
+    assert "float32" in caplog.text
+    assert select_backend(auto, cpu, torch.float32).name == "reference"
+    for device, dtype in ((gpu, torch.float32), (cpu, torch.bfloat16)):
+        with pytest.raises(ConfigError, match="attention_backend 'triton'"):
+            select_backend(forced, device, dtype)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import torch
@@ -10,29 +9,25 @@ import torch
 from openautoglm.config.settings import EngineConfig
 from openautoglm.engine.attention.base import AttentionBackend
 from openautoglm.engine.attention.reference import ReferenceAttentionBackend
+from openautoglm.engine.platform import device_identity, fast_path_support
 from openautoglm.protocol.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-MIN_CAPABILITY = (7, 5)
 BF16_CAPABILITY = (8, 0)  # Triton's bfloat16 matrix products need Ampere or newer
 
 
 def triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why the Triton backend cannot run on ``device`` in ``dtype``; None when it can."""
+    """Why the Triton backend cannot run on ``device`` in ``dtype``; None when it can. The GPU rule (compute
+    capability, Triton installed) is the platform module's, shared with start-up checks and ``autoglm doctor``."""
     if device.type != "cuda":
         return f"the device is {device.type}, and the Triton kernels need a CUDA GPU"
     if dtype not in (torch.bfloat16, torch.float16):
         return f"the model dtype is {str(dtype).removeprefix('torch.')}; the Triton kernels take bfloat16 or float16"
-    if importlib.util.find_spec("triton") is None:
-        return "the triton package is not installed (it ships with CUDA builds of PyTorch)"
-    cap = torch.cuda.get_device_capability(device)
-    name = torch.cuda.get_device_name(device)
-    if cap < MIN_CAPABILITY:
-        return (
-            f"{name} has compute capability {cap[0]}.{cap[1]}; the fast path needs "
-            f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer"
-        )
+    allowed, message = fast_path_support(device)
+    if not allowed:
+        return message
+    name, cap = device_identity(device)
     if dtype == torch.bfloat16 and cap < BF16_CAPABILITY:
         return f"{name} (compute capability {cap[0]}.{cap[1]}) has no bfloat16 matrix units; use dtype float16"
     return None
