@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from openautoglm.config.duration import Duration
+
 Severity = Literal["info", "warning", "critical"]
 ActionName = Literal["log", "webhook", "shed", "canary"]
 AnomalySignal = Literal["latency", "error_rate", "throughput"]
@@ -22,7 +24,7 @@ class TelemetryConfig(_Strict):
         default_factory=list,
         description="Directories whose free space is watched; empty: the model cache and store.data_dir",
     )
-    loop_lag_interval_s: float = Field(0.5, gt=0.0, le=60.0, description="How often the event-loop lag is probed")
+    loop_lag_interval_s: Duration = Field(0.5, gt=0.0, le=60.0, description="How often the event-loop lag is probed")
 
 
 class AnomalyRule(_Strict):
@@ -48,7 +50,7 @@ class ForecastRule(_Strict):
 
     signal: ForecastSignal
     limit: float = Field(gt=0.0, description="Fractions for kv_cache/memory/disk/gpu_memory (0..1], count for queue")
-    horizon_s: float = Field(1800.0, gt=0.0, le=7 * 86400.0)
+    horizon_s: Duration = Field(1800.0, gt=0.0, le=7 * 86400.0)
     alpha: float = Field(0.5, gt=0.0, le=1.0, description="Level smoothing")
     beta: float = Field(0.3, gt=0.0, le=1.0, description="Trend smoothing")
     min_samples: int = Field(6, ge=2, le=10_000)
@@ -64,10 +66,10 @@ class ForecastRule(_Strict):
 
 class WebhookConfig(_Strict):
     url: str | None = Field(None, pattern=r"^https?://", description="JSON POST target of the webhook action")
-    timeout_s: float = Field(5.0, gt=0.0, le=120.0)
+    timeout_s: Duration = Field(5.0, gt=0.0, le=120.0)
     max_attempts: int = Field(4, ge=1, le=20)
-    backoff_base_s: float = Field(0.5, ge=0.0, le=60.0)
-    backoff_max_s: float = Field(30.0, ge=0.0, le=600.0)
+    backoff_base_s: Duration = Field(0.5, ge=0.0, le=60.0)
+    backoff_max_s: Duration = Field(30.0, ge=0.0, le=600.0)
     headers: dict[str, str] = Field(default_factory=dict)
 
 
@@ -91,13 +93,13 @@ def _default_forecasts() -> list[ForecastRule]:
 
 class DetectorsConfig(_Strict):
     enabled: bool = True
-    interval_s: float = Field(5.0, gt=0.0, le=3600.0, description="How often the server's metrics are sampled")
+    interval_s: Duration = Field(5.0, gt=0.0, le=3600.0, description="How often the server's metrics are sampled")
     anomalies: list[AnomalyRule] = Field(default_factory=_default_anomalies)
     forecasts: list[ForecastRule] = Field(default_factory=_default_forecasts)
     gpu_errors_severity: Severity = "critical"
     gpu_errors_actions: list[ActionName] = Field(default_factory=lambda: ["log"])
     webhook: WebhookConfig = Field(default_factory=WebhookConfig)
-    shed_clear_after_s: float = Field(60.0, ge=0.0, description="Shedding ends this long after its last trigger")
+    shed_clear_after_s: Duration = Field(60.0, ge=0.0, description="Shedding ends this long after its last trigger")
 
     @model_validator(mode="after")
     def _check(self) -> DetectorsConfig:

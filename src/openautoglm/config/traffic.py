@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from openautoglm.config.duration import Duration
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -29,7 +31,7 @@ class LimitsConfig(_Strict):
     on_redis_error: Literal["open", "closed"] = Field(
         "open", description="Redis unreachable: 'open' limits with this process's counters, 'closed' answers 503"
     )
-    redis_retry_s: float = Field(1.0, gt=0, le=60, description="How often a failed Redis is tried again")
+    redis_retry_s: Duration = Field(1.0, gt=0, le=60, description="How often a failed Redis is tried again")
     burst_fraction: float = Field(
         0.1, gt=0, le=1, description="Back-to-back capacity as a fraction of each limit (at least 1 request); "
         "any window of one period admits at most (1 + burst_fraction) x the limit",
@@ -42,7 +44,7 @@ class LimitsConfig(_Strict):
     unbounded_max_tokens: int = Field(
         1024, ge=1, description="Completion tokens reserved for a request without max_tokens"
     )
-    concurrency_lease_s: float = Field(
+    concurrency_lease_s: Duration = Field(
         900.0, gt=0, description="A replica that dies holding a concurrency slot frees it after this long"
     )
 
@@ -55,7 +57,7 @@ class PriorityClass(_Strict):
 class AdmissionConfig(_Strict):
     enabled: bool = True
     max_queue: int = Field(256, ge=0, description="Requests waiting per model beyond which new ones get 503")
-    max_wait_s: float = Field(30.0, gt=0, description="Longest a request waits in the queue before a 503")
+    max_wait_s: Duration = Field(30.0, gt=0, description="Longest a request waits in the queue before a 503")
     max_in_flight: int = Field(64, ge=1, description="Requests per model admitted to the backend at once")
     max_backend_waiting: int = Field(
         8, ge=0, description="Admit only while the backend itself has at most this many requests waiting"
@@ -63,7 +65,7 @@ class AdmissionConfig(_Strict):
     max_kv_usage: float = Field(
         0.95, gt=0, le=1, description="Admit only while the backend's KV cache usage is below this fraction"
     )
-    poll_s: float = Field(0.01, gt=0, le=1, description="How often a queue blocked on backend load re-checks")
+    poll_s: Duration = Field(0.01, gt=0, le=1, description="How often a queue blocked on backend load re-checks")
     priorities: dict[str, PriorityClass] = Field(
         default_factory=dict, description="Priority class per key id or tenant (key id first)"
     )
@@ -74,11 +76,11 @@ class ResponseCacheConfig(_Strict):
     enabled: bool = Field(False, description="Answer repeated deterministic requests from the cache")
     l1_max_entries: int = Field(4096, ge=1)
     l1_max_bytes: int = Field(64 * 2**20, ge=1024, description="Bytes of cached responses held in this process")
-    l1_ttl_s: float = Field(300.0, gt=0)
+    l1_ttl_s: Duration = Field(300.0, gt=0)
     l2: Literal["auto", "off", "redis"] = Field(
         "auto", description="Shared tier: redis (needs store.redis_url), off, auto (redis when configured)"
     )
-    l2_ttl_s: float = Field(3600.0, gt=0)
+    l2_ttl_s: Duration = Field(3600.0, gt=0)
     max_entry_bytes: int = Field(1 * 2**20, ge=1, description="Larger responses are not cached")
     shared_namespace: bool = Field(
         False, description="One namespace for every tenant (only where tenants may see each other's answers)"
