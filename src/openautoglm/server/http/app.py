@@ -22,7 +22,7 @@ from openautoglm.protocol.openai import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from openautoglm.server.http import admin, health, metrics, openai, router_admin, tasks
+from openautoglm.server.http import admin, health, metrics, openai, router_admin, tasks, templates_admin
 from openautoglm.server.http.auth import AuthMiddleware, check_scope_table
 from openautoglm.server.http.errors import install_error_handlers
 from openautoglm.server.http.guided_metrics import GuidedCollector
@@ -76,6 +76,7 @@ def create_app(settings: Settings, engine: Any, gateway: Gateway | None = None) 
     for router in (*routers, diagnostics.router):
         app.include_router(router)
     app.include_router(tasks.router)
+    app.include_router(templates_admin.router)
     check_scope_table(app)  # a route without a scope would be unprotected: refuse to start instead
     # add_middleware wraps from the inside out: the last one added runs first. Auth runs innermost, so its
     # refusals still get request ids, access-log lines, CORS headers and drain handling.

@@ -35,6 +35,7 @@ from openautoglm.server.http.openai_convert import chat_messages, chat_request, 
 from openautoglm.server.http.parsing import body_schema, parse_body
 from openautoglm.server.http.responses import OrjsonResponse
 from openautoglm.server.http.serving import accept_model, modalities_of, resolve_model, serve_generation
+from openautoglm.server.http.templates_admin import apply_prompt_template
 from openautoglm.server.http.tool_calls import ToolChatOutput
 
 router = APIRouter(tags=["OpenAI"])
@@ -148,7 +149,8 @@ async def get_model(model_id: str, request: Request) -> Response:
     responses=_responses(ChatCompletionResponse, ChatCompletionChunk),
 )
 async def chat_completions(request: Request) -> Response:
-    body = await parse_body(request, ChatCompletionRequest)
+    body = await apply_prompt_template(request, await parse_body(request, ChatCompletionRequest))
+    assert body.messages is not None
     model = accept_model(request, body.model, lambda: orjson.dumps([m.model_dump() for m in body.messages]).decode())
     engine = request.app.state.engine
     rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -187,7 +189,8 @@ async def chat_completions(request: Request) -> Response:
     responses=_responses(CompletionResponse, CompletionResponse),
 )
 async def completions(request: Request) -> Response:
-    body = await parse_body(request, CompletionRequest)
+    body = await apply_prompt_template(request, await parse_body(request, CompletionRequest))
+    assert body.prompt is not None
     model = accept_model(request, body.model, lambda: orjson.dumps(body.prompt).decode())
     engine = request.app.state.engine
     rid = f"cmpl-{uuid.uuid4().hex}"
