@@ -204,7 +204,7 @@ def test_serve_refuses_an_invalid_file_before_loading(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("server:\n  port: 9000\n  grpc_port: 9000\n  drain_timout: 5s\n")
     res = runner.invoke(app, ["serve", "--config", str(bad)])
-    assert res.exit_code == 1 and "did you mean 'drain_timeout'" in res.output
+    assert res.exit_code == 2 and "did you mean 'drain_timeout'" in res.output
     bad.write_text("server:\n  port: 9000\n  grpc_port: 9000\n")
     res = runner.invoke(app, ["serve", "--config", str(bad)])
-    assert res.exit_code == 1 and f"{bad}:3:3: error: server.grpc_port" in res.output
+    assert res.exit_code == 2 and f"{bad}:3:3: error: server.grpc_port" in res.output

@@ -94,7 +94,8 @@ def preflight_file(config: Path | None) -> ConfigReport | None:
 
 
 def preflight_settings(settings: Settings, file_report: ConfigReport | None) -> None:
-    """``serve``'s check of the final settings (rules across fields); warnings print, errors exit 1."""
+    """``serve``'s check of the final settings (rules across fields); warnings print, errors exit 2 like every
+    other refusal of ``serve`` (``config validate`` itself exits 1)."""
     _gate(check_effective(settings, file_report))
 
 
@@ -102,7 +103,7 @@ def _gate(report: ConfigReport) -> None:
     print_report(report, err_console)
     if not report.ok:
         err_console.print("[bold red]error:[/] the configuration is invalid; `autoglm config validate` explains")
-        raise typer.Exit(1)
+        raise typer.Exit(2)
 
 
 def register(app: typer.Typer) -> None:
