@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from openautoglm.cli import audit, bench, config, doctor, estimate, generate, keys, rollout, serve, task
+from openautoglm.cli import audit, bench, config, doctor, estimate, generate, keys, rollout, serve, task, templates
 
 app = typer.Typer(
     name="autoglm",
@@ -23,6 +23,7 @@ config.register(app)
 estimate.register(app)
 doctor.register(app)
 task.register(app)
+templates.register(app)
 
 if __name__ == "__main__":
     app()
