@@ -25,7 +25,7 @@ BODY = orjson.dumps({"id": "c", "object": "chat.completion", "created": 0, "mode
     "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}})
 CHUNK = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "fake"}
 SSE = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in (
-    CHUNK | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hello there"}, "finish_reason": None}]},
+    CHUNK | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi there"}, "finish_reason": None}]},
     CHUNK | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
     CHUNK | {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}},
 )) + b"data: [DONE]\n\n"
