@@ -196,12 +196,14 @@ class EngineCore:
             self.scheduler.add_request(seq)
 
     def abort(self, request_ids: Iterable[str]) -> list[RequestOutput]:
+        sampled = _StepOutputs()
+        self._emit_pending(sampled)  # what was sampled before the abort is reported first, in its own chunk
+        earlier = self._collect(sampled)
         out = _StepOutputs()
-        self._emit_pending(out)  # report what was sampled before aborting
         seq_ids = [s.request_id for rid in request_ids if (g := self._groups.get(rid)) for s in g.seqs]
         for seq in self.scheduler.abort_requests(seq_ids):
             self._finish(seq, FinishReason.ABORT, None, "", out)
-        return self._collect(out)
+        return earlier + self._collect(out)
 
     def has_unfinished(self) -> bool:
         return bool(self._groups)
