@@ -398,10 +398,12 @@ async def test_stream_deltas_concatenate_to_the_greedy_text(served) -> None:
     responses = [(r, e) async for r, e in client.stream_infer(requests())]
     assert all(e is None for _, e in responses)
     results = [r for r, _ in responses]
-    assert len(results) == 12  # one response per token
+    # One response per delta: a token each while the client keeps up; the engine merges what piles up behind a
+    # slow consumer into one delta, so there may be fewer responses than tokens, never more.
+    assert 2 <= len(results) <= 12
     assert "".join(_text(r) for r in results) == whole
     finals = [r.get_response().parameters[FINAL_RESPONSE].bool_param for r in results]
-    assert finals == [False] * 11 + [True]
+    assert finals == [False] * (len(results) - 1) + [True]
     assert {r.get_response().id for r in results} == {"s1"}
     assert results[-1].get_response().parameters["completion_tokens"].int64_param == 12
 
