@@ -33,7 +33,7 @@ def cli(tmp_path: Path, db_url: str):  # type: ignore[no-untyped-def]
 
 
 def test_keys_lifecycle_and_audit(cli, db_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    assert "revision 0001" in cli("db", "upgrade")
+    assert "revision 0002" in cli("db", "upgrade")
     created = json.loads(cli("keys", "create", "--name", "boot", "--admin", "--json"))
     assert parse_key(created["key"]) is not None and created["scopes"] == list(ALL_SCOPES)
     key_id = created["id"]

@@ -38,16 +38,21 @@ async def test_versions_render_and_use(client: httpx.AsyncClient, engine: Any) -
     assert r.json()["text"] == "Hello Ann."
 
     ref = {"name": "greet", "version": 1, "variables": {"who": "Ann"}}
-    r = await client.post("/v1/completions", json={"prompt_template": ref, "max_tokens": 5, "temperature": 0})
+    body = {"prompt_template": ref, "prompt": " Go on:", "max_tokens": 5, "temperature": 0}
+    r = await client.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["text"] == (await engine_text(engine, prompt="Hello Ann.", sampling=GREEDY))[0]
-    r = await client.post("/v1/chat/completions", json={"prompt_template": ref, "max_tokens": 5, "temperature": 0})
+    expected = await engine_text(engine, prompt="Hello Ann. Go on:", sampling=GREEDY)
+    assert r.json()["choices"][0]["text"] == expected[0]
+    user = {"role": "user", "content": "Hi"}
+    body = {"prompt_template": ref, "messages": [user], "max_tokens": 5, "temperature": 0}
+    r = await client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
-    expected = await engine_text(engine, messages=[{"role": "user", "content": "Hello Ann."}], sampling=GREEDY)
+    system = {"role": "system", "content": "Hello Ann."}
+    expected = await engine_text(engine, messages=[system, user], sampling=GREEDY)
     assert r.json()["choices"][0]["message"]["content"] == expected[0]
 
     latest = {"name": "greet", "variables": {"who": "Ann"}}  # version 2 needs mood too
-    r = await client.post("/v1/chat/completions", json={"prompt_template": latest, "max_tokens": 5})
+    r = await client.post("/v1/chat/completions", json={"prompt_template": latest, "messages": [user], "max_tokens": 5})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_template.variables.mood"
 
     audit = (await client.get("/admin/audit", params={"action": "template.create"})).json()["data"]
@@ -60,9 +65,8 @@ async def test_versions_render_and_use(client: httpx.AsyncClient, engine: Any) -
         ("/admin/templates", {"name": "bad", "template": "{% for %}"}, 400),
         ("/admin/templates", {"name": "../x", "template": "x"}, 400),
         ("/admin/templates/nope/render", {"variables": {}}, 404),
-        ("/v1/completions", {"prompt_template": {"name": "nope"}}, 404),
-        ("/v1/completions", {"max_tokens": 3}, 400),
-        ("/v1/chat/completions", {"max_tokens": 3}, 400),
+        ("/v1/completions", {"prompt_template": {"name": "nope"}, "prompt": "x"}, 404),
+        ("/v1/completions", {"prompt_template": {"name": "nope"}, "prompt": [1, 2]}, 404),
     ],
 )
 async def test_refusals(client: httpx.AsyncClient, path: str, body: dict[str, Any], status: int) -> None:

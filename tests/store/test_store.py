@@ -27,8 +27,8 @@ def _key(key_id: str = "abc123def456", **extra: object) -> ApiKeyRecord:
 
 
 def test_migrations_reach_head_and_are_idempotent(db: Database) -> None:
-    assert db.revision() == db.head_revision() == "0001"
-    assert db.upgrade() == "0001"
+    assert db.revision() == db.head_revision() == "0002"
+    assert db.upgrade() == "0002"
 
 
 def test_key_round_trip(db: Database) -> None:

@@ -105,12 +105,12 @@ class _SamplingFields(_Request):
     guided_regex: str | None = Field(None, description="Output matching this regular expression")
     guided_grammar: str | None = Field(None, description="Output of this EBNF grammar (rule root starts)")
     prompt_template: PromptTemplateRef | None = Field(
-        None, description="A stored template rendered into the prompt (completions) or a last user message (chat)"
+        None, description="A stored template rendered before the prompt (completions) or as a first system message"
     )
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] | None = Field(None, min_length=1, description="Required unless prompt_template")
+    messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, description="Deprecated by OpenAI in favour of max_completion_tokens")
     max_completion_tokens: int | None = Field(None, description="Default: up to the end of the context")
     logprobs: bool | None = False
@@ -128,9 +128,7 @@ CompletionPrompt = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: CompletionPrompt | None = Field(
-        None, description="A string, a list of strings, token ids, or lists of them; required unless prompt_template"
-    )
+    prompt: CompletionPrompt = Field(..., description="A string, a list of strings, token ids, or lists of them")
     max_tokens: int | None = Field(16, description="null: generate up to the end of the context")
     logprobs: int | None = Field(None, description="Return log-probabilities of this many alternatives per token")
     echo: bool | None = False

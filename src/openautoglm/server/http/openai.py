@@ -150,7 +150,6 @@ async def get_model(model_id: str, request: Request) -> Response:
 )
 async def chat_completions(request: Request) -> Response:
     body = await apply_prompt_template(request, await parse_body(request, ChatCompletionRequest))
-    assert body.messages is not None
     model = accept_model(request, body.model, lambda: orjson.dumps([m.model_dump() for m in body.messages]).decode())
     engine = request.app.state.engine
     rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -190,7 +189,6 @@ async def chat_completions(request: Request) -> Response:
 )
 async def completions(request: Request) -> Response:
     body = await apply_prompt_template(request, await parse_body(request, CompletionRequest))
-    assert body.prompt is not None
     model = accept_model(request, body.model, lambda: orjson.dumps(body.prompt).decode())
     engine = request.app.state.engine
     rid = f"cmpl-{uuid.uuid4().hex}"

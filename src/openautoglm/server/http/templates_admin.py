@@ -117,19 +117,17 @@ async def render_reference(request: Request, ref: PromptTemplateRef) -> str:
 
 
 async def apply_prompt_template(request: Request, body: B) -> B:
-    """A chat request gets the rendered text as a last user message; a completion request as its prompt."""
+    """The rendered template is the managed start of the prompt: a chat request gets it as a first system
+    message, a completion request's text prompts get it prepended."""
     ref = body.prompt_template
-    if isinstance(body, ChatCompletionRequest):
-        if ref is None:
-            if not body.messages:
-                raise InvalidRequestError("messages is required (or a prompt_template)", param="messages")
-            return body
-        text = await render_reference(request, ref)
-        return body.model_copy(update={"messages": [*(body.messages or []), ChatMessage(role="user", content=text)]})
     if ref is None:
-        if body.prompt is None:
-            raise InvalidRequestError("prompt is required (or a prompt_template)", param="prompt")
         return body
-    if body.prompt is not None:
-        raise InvalidRequestError("give either prompt or prompt_template, not both", param="prompt_template")
-    return body.model_copy(update={"prompt": await render_reference(request, ref)})
+    text = await render_reference(request, ref)
+    if isinstance(body, ChatCompletionRequest):
+        return body.model_copy(update={"messages": [ChatMessage(role="system", content=text), *body.messages]})
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return body.model_copy(update={"prompt": text + prompt})
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return body.model_copy(update={"prompt": [text + p for p in prompt]})
+    raise InvalidRequestError("prompt_template works with text prompts, not token ids", param="prompt_template")
