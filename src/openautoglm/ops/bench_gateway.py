@@ -157,6 +157,13 @@ def main() -> None:
         fake.terminate()
         server.wait(60)
         fake.wait(10)
+        if args.redis:
+            import redis
+
+            client = redis.Redis.from_url(args.redis)
+            keys = list(client.scan_iter(match=f"bench-{os.getpid()}:*"))
+            if keys:
+                client.delete(*keys)
 
 
 if __name__ == "__main__":
