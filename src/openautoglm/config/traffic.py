@@ -57,7 +57,7 @@ class PriorityClass(_Strict):
 class AdmissionConfig(_Strict):
     enabled: bool = True
     max_queue: int = Field(256, ge=0, description="Requests waiting per model beyond which new ones get 503")
-    max_wait_s: Duration = Field(60.0, gt=0, description="Longest a request waits in the queue before a 503")
+    max_wait_s: Duration = Field(30.0, gt=0, description="Longest a request waits in the queue before a 503")
     max_in_flight: int = Field(64, ge=1, description="Requests per model admitted to the backend at once")
     max_backend_waiting: int = Field(
         8, ge=0, description="Admit only while the backend itself has at most this many requests waiting"
