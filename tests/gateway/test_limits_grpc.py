@@ -35,3 +35,27 @@ async def test_grpc_over_the_limit_is_resource_exhausted(engine: AsyncEngine, tm
     finally:
         await server.stop(0)
         await gw.close()
+
+
+async def test_grpc_inference_goes_through_the_response_cache(engine: AsyncEngine, tmp_path: Path) -> None:
+    gw = Gateway(gateway_settings(tmp_path, cache={"enabled": True}))
+    key = gw.keys.create(Actor("t"), name="t", owner="o", scopes=["inference"])[1]
+    port = free_port()
+    server = await start_grpc_server(engine, "127.0.0.1", port, gateway=gw)
+    metadata = (("authorization", f"Bearer {key}"),)
+    req = pb.ModelInferRequest(model_name="demo")
+    req.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"grpc cache")
+    req.parameters["max_tokens"].int64_param = 4
+    req.parameters["temperature"].double_param = 0.0
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            first = await stub.ModelInfer(req, metadata=metadata)
+            engine_tokens = engine.stats().prompt_tokens_total
+            second = await stub.ModelInfer(req, metadata=metadata)
+            assert engine.stats().prompt_tokens_total == engine_tokens  # answered from the cache
+            assert second.outputs[0].contents.bytes_contents == first.outputs[0].contents.bytes_contents
+        assert gw.traffic.metrics.cache_hits.labels("l1")._value.get() == 1
+    finally:
+        await server.stop(0)
+        await gw.close()

@@ -18,6 +18,8 @@ from openautoglm.server.grpc.errors import abort
 
 # The caller of the RPC being served, set by the interceptor for the servicer (which has no gateway context).
 CALLER: ContextVar[Identity | None] = ContextVar("autoglm_grpc_caller", default=None)
+# Its whole gateway context: the servicer's traffic control (cache, token limits, queue) reads and notes on it.
+CALL_CONTEXT: ContextVar[GatewayContext | None] = ContextVar("autoglm_grpc_context", default=None)
 
 
 def _peer_address(peer: str) -> str | None:
@@ -64,6 +66,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             await self.gateway.pipeline.after(ctx, Outcome(exc.http_status, exc.code))
             await abort(context, exc)
         CALLER.set(ctx.identity)  # the handler runs in this context (streams' tasks copy it)
+        CALL_CONTEXT.set(ctx)
         return ctx
 
     async def intercept_service(

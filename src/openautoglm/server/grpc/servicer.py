@@ -7,7 +7,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -15,7 +15,7 @@ import openautoglm
 from openautoglm.gateway.access import require_model
 from openautoglm.protocol.errors import AutoGLMError, ConfigError, EngineError, ServiceUnavailableError
 from openautoglm.protocol.outputs import FinishReason, RequestOutput, Usage
-from openautoglm.server.grpc.auth import CALLER, AuthInterceptor
+from openautoglm.server.grpc.auth import CALL_CONTEXT, CALLER, AuthInterceptor
 from openautoglm.server.grpc.convert import (
     FINAL_RESPONSE,
     MODEL_VERSION,
@@ -34,6 +34,7 @@ from openautoglm.server.grpc.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     from openautoglm.engine.async_engine import AsyncEngine
     from openautoglm.gateway.service import Gateway
+    from openautoglm.gateway.traffic import Traffic
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,11 @@ def _check_chunk(chunk: RequestOutput) -> None:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: AsyncEngine, is_ready: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self, engine: AsyncEngine, is_ready: Callable[[], bool] | None = None, traffic: Traffic | None = None
+    ) -> None:
         self._engine = engine
+        self._traffic = traffic  # the gateway's cache, token limits and admission queue around the engine
         self._is_ready = is_ready or engine.is_healthy
 
     # Health and metadata.
@@ -132,13 +136,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await abort(context, as_autoglm_error(exc))
             raise  # unreachable: abort raises
 
+    def _generator(self) -> Any:
+        if self._traffic is None:
+            return self._engine
+        return self._traffic.wrap(self._engine, CALL_CONTEXT.get())
+
     async def _infer_whole(self, call: InferCall) -> pb.ModelInferResponse:
         parts = [call.echo]
         finish: FinishReason | None = None
         stop: str | int | None = None
         usage: Usage | None = None
         # aclosing: a cancelled call (client gone, deadline) closes the generator, which aborts the request.
-        async with aclosing(self._engine.generate(call.request)) as chunks:
+        async with aclosing(self._generator().generate(call.request)) as chunks:
             async for chunk in chunks:
                 _check_chunk(chunk)
                 text, reason, stop_reason = _output_text(chunk)
@@ -162,7 +171,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             yield response
             return
         echo = call.echo
-        async with aclosing(self._engine.generate(call.request)) as chunks:
+        async with aclosing(self._generator().generate(call.request)) as chunks:
             async for chunk in chunks:
                 _check_chunk(chunk)
                 text, reason, stop_reason = _output_text(chunk)
@@ -249,7 +258,8 @@ async def start_grpc_server(
     interceptors = [] if gateway is None else [AuthInterceptor(gateway)]
     # so_reuseport off: a second server on a port already taken must fail, not silently share it.
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, is_ready), server)
+    servicer = InferenceServicer(engine, is_ready, gateway.traffic if gateway is not None else None)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         if credentials is not None:
