@@ -74,6 +74,11 @@ async def test_hits_by_tier_within_a_tenant_and_never_across(app: FastAPI) -> No
         seeded = await ca.post(CMPL, json={**BODY, "temperature": 0.8, "seed": 7})
         assert seeded.headers["x-cache"] == "miss"
         assert (await ca.post(CMPL, json={**BODY, "temperature": 0.8, "seed": 7})).headers["x-cache"] == "hit-l1"
+        scraped = (await ca.get("/metrics")).text
+    for series in ("autoglm_cache_hits_total", "autoglm_cache_misses_total", "autoglm_cache_evictions_total",
+                   "autoglm_cache_bytes", "autoglm_admission_queue_wait_seconds_bucket",
+                   "autoglm_admission_queue_length_bucket", "autoglm_ratelimit_refused_total"):  # fmt: skip
+        assert series in scraped, series
     reg = app.state.metrics.registry
     assert reg.get_sample_value("autoglm_cache_hits_total", {"tier": "l1"}) == 2
     assert reg.get_sample_value("autoglm_cache_misses_total") == 3

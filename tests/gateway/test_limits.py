@@ -13,11 +13,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from openautoglm.config.traffic import LimitsConfig, RateLimits
 from openautoglm.gateway.gcra import US, Rate
 from openautoglm.gateway.limiter import Charge, InProcessLimiter, Limiter
 from openautoglm.gateway.limiter_redis import RedisLimiter
-from openautoglm.gateway.limits import format_reset
+from openautoglm.gateway.limits import LimitsBook, LimitsPolicy, format_reset
+from openautoglm.gateway.pipeline import GatewayContext, Identity
 from openautoglm.gateway.traffic import redis_client
+from openautoglm.gateway.traffic_metrics import TrafficMetrics
+from openautoglm.protocol.errors import RateLimitError
 
 
 @dataclass
@@ -173,3 +177,30 @@ async def test_redis_slots_are_shared_and_leased(redis_url: str, redis_prefix: s
 
 def test_reset_durations_read_like_openais() -> None:
     assert [format_reset(x) for x in (0.02, 1.5, 360.0)] == ["20ms", "1.5s", "6m0s"]
+
+
+def _ctx(identity: Identity, rid: str) -> GatewayContext:
+    return GatewayContext("http", "POST /v1/completions", "inference", None, {}, request_id=rid, identity=identity)
+
+
+async def test_a_tenant_limit_is_shared_by_its_keys_and_concurrency_is_released() -> None:
+    cfg = LimitsConfig(burst_fraction=0.5, tenant_defaults=RateLimits(rpm=4, max_concurrent=1))
+    policy = LimitsPolicy(LimitsBook(cfg), InProcessLimiter(), TrafficMetrics())
+    k1, k2, other = (
+        Identity(f"key:{k}", "api_key", frozenset(), tenant=t, key_id=k)
+        for k, t in (("k1", "acme"), ("k2", "acme"), ("k3", "bravo"))
+    )
+    first = _ctx(k1, "r1")
+    await policy.before(first)  # holds acme's one concurrent slot
+    with pytest.raises(RateLimitError) as busy:
+        await policy.before(_ctx(k2, "r2"))
+    assert busy.value.param == "max_concurrent" and "tenant acme" in busy.value.message
+    await policy.before(_ctx(other, "r3"))  # another tenant is not affected
+    await policy.after(first, None)  # type: ignore[arg-type]
+    second = _ctx(k2, "r4")
+    await policy.before(second)  # the slot is free again; acme's 2-request capacity is used up now
+    await policy.after(second, None)  # type: ignore[arg-type]
+    with pytest.raises(RateLimitError) as rpm:
+        await policy.before(_ctx(k1, "r5"))
+    assert rpm.value.param == "rpm" and "tenant acme" in rpm.value.message
+    # The refused concurrency attempt (r2) gave its request unit back: acme used exactly 2 (r1, r4).
