@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import orjson
 from rich.console import Console
 from rich.table import Table
 
@@ -101,9 +102,7 @@ class BenchServeResult:
         return json.dumps(data, indent=2)
 
 
-def compute_result(
-    config: BenchServeConfig, records: list[RequestRecord], duration_s: float
-) -> BenchServeResult:
+def compute_result(config: BenchServeConfig, records: list[RequestRecord], duration_s: float) -> BenchServeResult:
     """Aggregate per-request records over a run that lasted ``duration_s`` seconds."""
     ok = [r for r in records if r.success]
     total_in = sum(r.prompt_len for r in ok)
@@ -156,9 +155,7 @@ def format_result(result: BenchServeResult) -> str:
         ("ITL", result.itl_ms),
         ("E2E latency", result.e2e_latency_ms),
     ):
-        rows.append(
-            (f"{label} mean / median / p99 (ms)", f"{stats.mean:.2f} / {stats.median:.2f} / {stats.p99:.2f}")
-        )
+        rows.append((f"{label} mean / median / p99 (ms)", f"{stats.mean:.2f} / {stats.median:.2f} / {stats.p99:.2f}"))
     for label, value in rows:
         table.add_row(label, value)
     for error in result.errors:
@@ -248,11 +245,14 @@ def _apply_event(record: RequestRecord, data: dict[str, Any], now: float, start:
     return last
 
 
+_JSON = {"Content-Type": "application/json"}
+
+
 async def _one_request(session: aiohttp.ClientSession, url: str, payload: dict[str, Any]) -> RequestRecord:
     record = RequestRecord(success=True, prompt_len=len(payload["prompt"]))
     start = last = time.perf_counter()
     try:
-        async with session.post(url, json=payload) as resp:
+        async with session.post(url, data=orjson.dumps(payload), headers=_JSON) as resp:
             if resp.status != 200:
                 body = await resp.text()
                 return RequestRecord(success=False, error=f"HTTP {resp.status}: {body[:300]}")
@@ -263,8 +263,8 @@ async def _one_request(session: aiohttp.ClientSession, url: str, payload: dict[s
                 for event in events:
                     if event == b"[DONE]":
                         continue
-                    last = _apply_event(record, json.loads(event), now, start, last)
-    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
+                    last = _apply_event(record, orjson.loads(event), now, start, last)
+    except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError) as exc:
         return RequestRecord(success=False, error=f"{type(exc).__name__}: {exc}")
     record.latency = time.perf_counter() - start
     if record.success and record.num_chunks == 0:
