@@ -87,3 +87,8 @@ def test_bad_specs_name_the_field(build: object, param: str) -> None:
     with pytest.raises(InvalidRequestError) as err:
         build()  # type: ignore[operator]
     assert err.value.param == param
+
+
+def test_extracted_integers_beyond_64_bits_become_numbers_that_encode() -> None:
+    plan = prompts.extract("x", {"type": "object"})
+    assert plan.parse('{"n": 123456789012345678901234567890, "m": 5}') == {"data": {"n": 1.2345678901234568e29, "m": 5}}

@@ -179,7 +179,13 @@ def extract(text: str, schema: dict[str, Any], *, examples: list[dict[str, Any]]
         {"role": "user", "content": f"Text:\n{text}"},
     ]
     guided = GuidedDecoding(json_schema=bounded_schema(schema), strict=True, param="schema")
-    return TaskPlan("extract", messages, guided, None, lambda out: {"data": json.loads(out)})
+    return TaskPlan("extract", messages, guided, None, lambda out: {"data": json.loads(out, parse_int=_json_int)})
+
+
+def _json_int(text: str) -> int | float:
+    """JSON integers beyond 64 bits become floats (JSON has one number type; responses are encoded in 64 bits)."""
+    value = int(text)
+    return value if -(2**63) <= value < 2**64 else float(value)
 
 
 # --- summarize and translate -------------------------------------------------------------------------------

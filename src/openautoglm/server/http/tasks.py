@@ -15,7 +15,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from openautoglm.protocol.errors import EngineError
+from openautoglm.protocol.errors import InvalidRequestError
+from openautoglm.protocol.openai import ErrorResponse
 from openautoglm.protocol.outputs import FinishReason, RequestOutput
 from openautoglm.protocol.request import GenerationRequest
 from openautoglm.protocol.sampling import SamplingParams
@@ -25,7 +26,16 @@ from openautoglm.server.http.serving import accept_model, serve_generation
 from openautoglm.tasks import prompts
 from openautoglm.tasks.prompts import TaskPlan
 
-router = APIRouter(tags=["Tasks"])
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in (
+        (400, "Invalid task specification, or the answer hit the token limit (never 422)"),
+        (404, "Unknown model"),
+        (413, "Body over the configured limit"),
+        (503, "Draining or engine unavailable; see Retry-After"),
+    )
+}
+router = APIRouter(tags=["Tasks"], responses=_ERRORS)
 
 
 class _TaskBody(BaseModel):
@@ -84,9 +94,12 @@ class TaskOutput(OutputBase):
         try:
             result = self.plan.parse(text)
         except (json.JSONDecodeError, ValueError) as exc:
-            raise EngineError(
-                f"the {self.plan.task} answer ended ({self._finish and self._finish.value}) before it was complete; "
-                "raise max_tokens"
+            # The grammar was still open when the token budget or the context ran out: a schema without bounds
+            # (maxLength, maxItems, numeric ranges) or a small max_tokens; the client can change either.
+            raise InvalidRequestError(
+                f"the {self.plan.task} answer reached the token limit before it was complete; raise max_tokens or "
+                "bound the schema (maxLength, maxItems, minimum/maximum)",
+                param="max_tokens",
             ) from exc
         body: dict[str, Any] = {
             "id": self.response_id,
