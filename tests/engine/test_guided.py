@@ -172,3 +172,20 @@ def test_processor_is_stateful_idempotent_and_picklable(llm: LLM) -> None:
         twice = proc([a], torch.zeros(v))  # the same step seen twice (a retried batch) changes nothing
         assert torch.equal(again, twice) and again[b] == 0
         assert again[a] == float("-inf")
+
+
+def test_preemption_and_recompute_keep_outputs_valid_and_equal(demo_dir: Path, make_engine_config) -> None:
+    """Under a block pool too small for the batch, sequences are preempted and recomputed; a grammar processor
+    sees the same output tokens again and must give each sequence the same greedy answer as running it alone."""
+    rng = random.Random(99)
+    schemas = [random_schema(rng) for _ in range(12)]
+    specs = [GuidedDecoding(json_schema=s) for s in schemas]
+    tight = LLM(make_engine_config(demo_dir, cache={"num_blocks": 24, "block_size": 4}, scheduler={"max_num_seqs": 12}))
+    crowded = run(tight, specs, max_tokens=80)
+    assert tight.core.stats().num_preemptions > 0, "the tiny block pool was meant to force preemption"
+    roomy = LLM(make_engine_config(demo_dir))
+    for spec, schema, seq in zip(specs, schemas, crowded, strict=True):
+        alone = run(roomy, [spec], max_tokens=80)[0]
+        assert seq.token_ids == alone.token_ids
+        if seq.finish_reason is FinishReason.STOP:
+            assert jsonschema_rs.validator_for(schema).is_valid(json.loads(seq.text))
