@@ -172,3 +172,23 @@ async def test_rate_limit_headers_and_refusal(engine: AsyncEngine, tmp_path: Pat
             assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     finally:
         await app.state.gateway.close()
+
+
+def test_the_key_covers_every_field_that_shapes_the_answer() -> None:
+    import dataclasses
+
+    from openautoglm.gateway.cache import cache_key
+    from openautoglm.protocol.request import GenerationRequest
+    from openautoglm.protocol.sampling import SamplingParams
+
+    base = GenerationRequest("r1", messages=[{"role": "user", "content": "hi"}], sampling=SamplingParams(temperature=0))
+    same = dataclasses.replace(base, request_id="r2", priority=3, metadata={"user": "u"})
+    assert cache_key("t", "v", base) == cache_key("t", "v", same)
+    variants = [
+        dataclasses.replace(base, tools=[{"type": "function", "function": {"name": "f"}}]),
+        dataclasses.replace(base, sampling=SamplingParams(temperature=0, max_tokens=3)),
+        dataclasses.replace(base, chat_template_kwargs={"enable_thinking": False}),
+        dataclasses.replace(base, model="other"),
+    ]
+    keys = {cache_key("t", "v", v) for v in variants} | {cache_key("t2", "v", base), cache_key("t", "v2", base)}
+    assert len(keys) == 6 and cache_key("t", "v", base) not in keys

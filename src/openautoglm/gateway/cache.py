@@ -27,7 +27,8 @@ from openautoglm.protocol.outputs import CompletionOutput, FinishReason, Request
 from openautoglm.protocol.request import GenerationRequest
 
 log = logging.getLogger(__name__)
-_REQUEST_FIELDS = ("prompt", "prompt_token_ids", "messages", "model", "chat_template_kwargs")
+# Everything of a request shapes its answer except these (a new field is part of the key unless listed here).
+_NOT_KEYED = frozenset({"request_id", "priority", "metadata"})
 
 
 def cacheable(req: GenerationRequest) -> bool:
@@ -35,8 +36,7 @@ def cacheable(req: GenerationRequest) -> bool:
 
 
 def cache_key(namespace: str, model_version: str, req: GenerationRequest) -> str:
-    body = {name: getattr(req, name) for name in _REQUEST_FIELDS}
-    body["sampling"] = dataclasses.asdict(req.sampling)
+    body = {f.name: getattr(req, f.name) for f in dataclasses.fields(req) if f.name not in _NOT_KEYED}
     blob = orjson.dumps([namespace, model_version, body], option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(blob).hexdigest()
 
