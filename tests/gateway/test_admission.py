@@ -185,3 +185,74 @@ async def test_a_request_cut_short_is_charged_what_it_used(tmp_path: Path) -> No
     assert 989 <= await tokens_left(traffic) <= 991  # the 10 prompt tokens stay charged
     assert traffic.admission is not None and traffic.admission.queues["fake"].in_flight == 0
     await traffic.close()
+
+
+async def test_an_http_client_that_disconnects_while_queued_leaves_the_queue(engine: Any, tmp_path: Path) -> None:
+    """Through the real app and engine: the only admission slot is taken, a request queues, its client
+    disconnects, and the queue is empty at once (the request never reaches the engine)."""
+    import orjson
+
+    from openautoglm.server.http.app import create_app
+
+    from .conftest import gateway_settings  # type: ignore[import-not-found]
+
+    app = create_app(gateway_settings(tmp_path, auth={"required": False}, admission={"max_in_flight": 1}), engine)
+    traffic = app.state.gateway.traffic
+    q = traffic.admission.queue(engine.model_name, backend_load(engine, engine.model_name))
+    await q.admit(0)  # someone else holds the only slot
+    body = orjson.dumps({"prompt": "queued", "max_tokens": 2})
+    gone = asyncio.Event()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"t")], "client": ("127.0.0.1", 5000),
+        "server": ("t", 80),
+    }  # fmt: skip
+    calls = engine.stats().prompt_tokens_total
+    request = asyncio.create_task(app(scope, receive, send))
+    for _ in range(200):
+        if len(q) == 1:
+            break
+        await asyncio.sleep(0.005)
+    assert len(q) == 1  # waiting for the slot
+    gone.set()  # the client goes away
+    await asyncio.wait_for(request, 5)
+    assert len(q) == 0 and q.in_flight == 1  # it left; the slot is still the other holder's
+    q.release()
+    assert engine.stats().prompt_tokens_total == calls
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    assert not starts or starts[0]["status"] == 499
+    await app.state.gateway.close()
+
+
+async def test_a_request_refused_by_the_queue_gets_its_tokens_back_and_holds_no_slot(tmp_path: Path) -> None:
+    settings = Settings.model_validate({
+        "store": {"data_dir": str(tmp_path)},
+        "gateway": {"limits": {"burst_fraction": 1.0}, "admission": {"max_in_flight": 1, "max_queue": 0}},
+    })  # fmt: skip
+    traffic = Traffic(settings, Auditor(None))
+    backend = SlowBackend(delay_s=0.2)
+    ctx = GatewayContext("http", "POST /v1/completions", "inference", None, {}, identity=KEY)
+    running = asyncio.create_task(run(traffic, backend, gen("r1", 100), ctx))
+    await asyncio.sleep(0.05)
+    with pytest.raises(ServiceUnavailableError) as full:
+        await run(traffic, backend, gen("r2", 100), ctx)
+    assert full.value.code == "queue_full"
+    assert traffic.admission is not None and traffic.admission.queues["fake"].in_flight == 1  # still r1's
+    assert 889 <= await tokens_left(traffic) <= 893  # only r1's 110 held; r2's came back whole
+    await running
+    assert traffic.admission.queues["fake"].in_flight == 0 and backend.calls == 1
+    await traffic.close()

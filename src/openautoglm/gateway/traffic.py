@@ -204,14 +204,17 @@ class TrafficCall:
         finished = False
         try:
             if t.admission is not None:
-                queue = t.admission.queue(model, backend_load(self.inner, model))
+                waiting = t.admission.queue(model, backend_load(self.inner, model))
                 req.priority = t.admission.priority(
                     self.identity.key_id if self.identity else None,
                     self.identity.tenant if self.identity else None, self._requested_priority(req),
                 )  # fmt: skip
                 with tracing.span("gateway.queue", {"autoglm.priority": req.priority}):
-                    await queue.admit(req.priority)
+                    await waiting.admit(req.priority)
+                queue = waiting  # admitted: from here on the slot is ours to release
             final: RequestOutput | None = None
+            if reservation is not None:
+                reservation.started = True  # from here on the backend may spend tokens on it
             async for chunk in tracing.traced_generate(self.inner, req):  # the backend call's span
                 if reservation is not None:
                     reservation.track(chunk)
@@ -253,6 +256,7 @@ class _Tracked:
         self.prompt = prompt_estimate
         self.generated: dict[int, int] = {}
         self.usage_total: int | None = None
+        self.started = False  # refused before reaching the backend (queue full, wait too long): nothing used
 
     def track(self, chunk: RequestOutput) -> None:
         if chunk.prompt_token_ids is not None:
@@ -263,7 +267,12 @@ class _Tracked:
             self.usage_total = chunk.usage.total_tokens
 
     async def settle_tracked(self) -> None:
-        used = self.usage_total if self.usage_total is not None else self.prompt + sum(self.generated.values())
+        if not self.started:
+            used = 0
+        elif self.usage_total is not None:
+            used = self.usage_total
+        else:
+            used = self.prompt + sum(self.generated.values())
         await self.reservation.settle(used)
 
 
