@@ -42,11 +42,7 @@ def test_demo_checkpoint_layout(demo_dir: Path):
     assert config["architectures"] == ["Glm4ForCausalLM"] and config["model_type"] == "glm4"
     assert (config["num_hidden_layers"], config["hidden_size"], config["head_dim"]) == (2, 128, 32)
     assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
-    assert (
-        config["partial_rotary_factor"] == 0.5
-        and config["attention_bias"]
-        and not config["tie_word_embeddings"]
-    )
+    assert config["partial_rotary_factor"] == 0.5 and config["attention_bias"] and not config["tie_word_embeddings"]
     tok_cfg = json.loads((demo_dir / "tokenizer_config.json").read_text())
     assert tok_cfg["chat_template"].startswith("[gMASK]<sop>")
     gen = json.loads((demo_dir / "generation_config.json").read_text())
@@ -60,9 +56,7 @@ def test_demo_checkpoint_layout(demo_dir: Path):
 def test_demo_checkpoint_loads_and_generates_in_transformers(demo_dir: Path):
     from transformers import AutoTokenizer, Glm4ForCausalLM
 
-    model, info = Glm4ForCausalLM.from_pretrained(
-        str(demo_dir), dtype=torch.float32, output_loading_info=True
-    )
+    model, info = Glm4ForCausalLM.from_pretrained(str(demo_dir), dtype=torch.float32, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
     assert model.config.rope_parameters["partial_rotary_factor"] == 0.5
     # Every parameter came from the file (nothing left at transformers' own initialization).
@@ -86,9 +80,7 @@ def test_demo_checkpoint_loads_and_generates_in_transformers(demo_dir: Path):
 
 CONFIGS: list[dict[str, Any]] = [
     dict(architectures=["Glm4ForCausalLM"], model_type="glm4"),
-    dict(
-        architectures=["Glm4ForCausalLM"], model_type="glm4", attention_bias=False, tie_word_embeddings=True
-    ),
+    dict(architectures=["Glm4ForCausalLM"], model_type="glm4", attention_bias=False, tie_word_embeddings=True),
     dict(architectures=["GlmForCausalLM"], model_type="glm", head_dim=24, partial_rotary_factor=1.0),
     dict(architectures=["GlmForCausalLM"], model_type="glm", num_key_value_heads=4, attention_bias=False),
 ]
@@ -132,9 +124,7 @@ def test_writing_is_deterministic(tmp_path: Path, demo_dir: Path):
 @pytest.mark.slow
 def test_writing_is_deterministic_across_processes(tmp_path: Path, demo_dir: Path):
     # Tokenizer training hashes in Rust with per-process random seeds: a fresh interpreter must agree exactly.
-    code = (
-        "import sys; from pathlib import Path; from openautoglm.engine.loader.demo import write_demo_model; "
-    )
+    code = "import sys; from pathlib import Path; from openautoglm.engine.loader.demo import write_demo_model; "
     code += "write_demo_model(Path(sys.argv[1]), seed=0)"
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "p")], check=True, timeout=120)
     assert _files(tmp_path / "p") == _files(demo_dir)

@@ -125,9 +125,7 @@ def test_sharded_checkpoint_through_index(tmp_path: Path, oracle: PreTrainedMode
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_weights_converted_to_requested_dtype(
-    ckpt: Path, oracle: PreTrainedModel, dtype: torch.dtype
-) -> None:
+def test_weights_converted_to_requested_dtype(ckpt: Path, oracle: PreTrainedModel, dtype: torch.dtype) -> None:
     assert_weights(load(ckpt, dtype), oracle, dtype)
 
 
@@ -201,9 +199,7 @@ def test_corrupt_index(tmp_path: Path, oracle: PreTrainedModel) -> None:
 
 
 def test_missing_tensor(ckpt: Path) -> None:
-    rewrite(
-        ckpt, {"model.layers.1.post_mlp_layernorm.weight": None, "model.layers.0.self_attn.k_proj.bias": None}
-    )
+    rewrite(ckpt, {"model.layers.1.post_mlp_layernorm.weight": None, "model.layers.0.self_attn.k_proj.bias": None})
     msg = load_error(ckpt)
     assert "missing" in msg and str(ckpt) in msg
     assert "model.layers.1.post_mlp_layernorm.weight" in msg and "model.layers.0.self_attn.k_proj.bias" in msg
@@ -291,9 +287,7 @@ def test_unsupported_requested_dtype(ckpt: Path) -> None:
 # --- resolution ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "model", ["/nonexistent/ckpt", "./missing-ckpt", "../missing-ckpt", "a/b/c", "bad id!"]
-)
+@pytest.mark.parametrize("model", ["/nonexistent/ckpt", "./missing-ckpt", "../missing-ckpt", "a/b/c", "bad id!"])
 def test_path_that_does_not_exist(model: str) -> None:
     with pytest.raises(ModelLoadError, match="no such checkpoint directory"):
         resolve_checkpoint(ModelConfig(model=model))
@@ -325,9 +319,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("offline")
 @pytest.mark.parametrize("revision", [None, COMMIT])
-def test_hub_id_from_offline_cache(
-    tmp_path: Path, ckpt: Path, oracle: PreTrainedModel, revision: str | None
-) -> None:
+def test_hub_id_from_offline_cache(tmp_path: Path, ckpt: Path, oracle: PreTrainedModel, revision: str | None) -> None:
     snapshot = populate_hub_cache(tmp_path / "hub", "zai-org/tiny-glm", ckpt)
     cfg = ModelConfig(model="zai-org/tiny-glm", revision=revision, download_dir=str(tmp_path / "hub"))
     assert resolve_checkpoint(cfg) == snapshot

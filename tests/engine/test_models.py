@@ -73,9 +73,7 @@ def build_hf_checkpoint(path: Path, case: Case, seed: int = 0) -> PreTrainedMode
         rope_parameters={"rope_type": "default", "rope_theta": case.rope_theta,
                          "partial_rotary_factor": case.partial_rotary_factor},
     )  # fmt: skip
-    config_cls, model_cls = (
-        (GlmConfig, GlmForCausalLM) if case.arch == "glm" else (Glm4Config, Glm4ForCausalLM)
-    )
+    config_cls, model_cls = (GlmConfig, GlmForCausalLM) if case.arch == "glm" else (Glm4Config, Glm4ForCausalLM)
     model = model_cls(config_cls(**fields)).eval()
     _randomise(model, seed)
     model.save_pretrained(path)
@@ -91,9 +89,7 @@ def build_hf_checkpoint(path: Path, case: Case, seed: int = 0) -> PreTrainedMode
 class PagedRunner:
     """A minimal runner: scattered block allocation, metadata, one forward per step, logits per chunk."""
 
-    def __init__(
-        self, model: CausalLM, arch: ModelArchConfig, block_size: int = 4, num_blocks: int = 48
-    ) -> None:
+    def __init__(self, model: CausalLM, arch: ModelArchConfig, block_size: int = 4, num_blocks: int = 48) -> None:
         self.model, self.block_size = model, block_size
         shape = (2, num_blocks, block_size, arch.num_key_value_heads, arch.head_dim)
         self.kv_caches = [torch.zeros(shape) for _ in range(arch.num_hidden_layers)]
@@ -231,9 +227,7 @@ def test_registry_unknown_architecture_names_supported_ones() -> None:
 # --- the reference backend on its own ------------------------------------------------------------------
 
 
-def _dense_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int, scale: float
-) -> torch.Tensor:
+def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int, scale: float) -> torch.Tensor:
     """Naive causal attention of q [Lq, H, D] at positions context.. over k/v [L, Hkv, D]."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
@@ -276,9 +270,7 @@ def test_reference_backend_matches_dense_attention(num_kv_heads: int) -> None:
         metadata,
         scale,
     )
-    for (c, _), q, k, v, got in zip(
-        seqs, queries, keys, values, out.split([q for _, q in seqs]), strict=True
-    ):
+    for (c, _), q, k, v, got in zip(seqs, queries, keys, values, out.split([q for _, q in seqs]), strict=True):
         torch.testing.assert_close(got, _dense_attention(q, k, v, c, scale), atol=1e-5, rtol=1e-5)
     for (c, q), table, k in zip(seqs, tables, keys, strict=True):  # the new keys were written to their slots
         slots = [table[p // block_size] * block_size + p % block_size for p in range(c, c + q)]

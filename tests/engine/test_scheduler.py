@@ -226,9 +226,7 @@ def test_max_num_seqs_caps_the_running_set() -> None:
     core.check_outputs()
 
 
-@pytest.mark.parametrize(
-    ("policy", "expected"), [("fcfs", ["p5", "p1", "p3"]), ("priority", ["p1", "p3", "p5"])]
-)
+@pytest.mark.parametrize(("policy", "expected"), [("fcfs", ["p5", "p1", "p3"]), ("priority", ["p1", "p3", "p5"])])
 def test_admission_order_follows_the_policy(policy: str, expected: list[str]) -> None:
     core = FakeCore.build(64, max_num_seqs=1, policy=policy)
     for p in (5, 1, 3):

@@ -23,9 +23,7 @@ HYPO = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 # Text that exercises byte-level BPE: ASCII, CJK (3-byte UTF-8), emoji (4 bytes, some with joiners), accents.
 # Characters outside the demo vocabulary (龘, 𝄞, ...) are split into single-byte tokens.
-ALPHABET = st.sampled_from(
-    [*"abc xyz,.!?\n\t", *"你好世界中文模型龘鬱", "😀", "🚀", "👍🏽", "𝄞", "é", "ß", "Ω", "—"]
-)
+ALPHABET = st.sampled_from([*"abc xyz,.!?\n\t", *"你好世界中文模型龘鬱", "😀", "🚀", "👍🏽", "𝄞", "é", "ß", "Ω", "—"])
 TEXTS = st.lists(ALPHABET, max_size=30).map("".join)
 SAMPLES = [
     "",
@@ -71,9 +69,7 @@ def _copy_checkpoint(src: Path, dst: Path, **config_changes: Any) -> Path:
 
 @pytest.mark.parametrize("add_special_tokens", [False, True])
 @pytest.mark.parametrize("text", SAMPLES)
-def test_encode_and_decode_match_transformers(
-    tok: Tokenizer, hf_tok: Any, text: str, add_special_tokens: bool
-):
+def test_encode_and_decode_match_transformers(tok: Tokenizer, hf_tok: Any, text: str, add_special_tokens: bool):
     ids = tok.encode(text, add_special_tokens=add_special_tokens)
     assert ids == hf_tok.encode(text, add_special_tokens=add_special_tokens)
     for skip in (False, True):
@@ -175,9 +171,7 @@ CONVERSATIONS: list[list[dict[str, Any]]] = [
         {
             "role": "assistant",
             "content": None,
-            "tool_calls": [
-                {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
-            ],
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
         },
         {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call_1"},
     ],
@@ -200,13 +194,9 @@ TOOLS = [
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
-def test_chat_template_matches_transformers(
-    tok: Tokenizer, hf_tok: Any, conversation: list, add_generation_prompt
-):
+def test_chat_template_matches_transformers(tok: Tokenizer, hf_tok: Any, conversation: list, add_generation_prompt):
     ours = tok.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
-    theirs = hf_tok.apply_chat_template(
-        conversation, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    theirs = hf_tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
     assert ours == theirs
     assert ours.startswith("[gMASK]<sop>")
 
@@ -222,9 +212,7 @@ def test_chat_template_glm4_format(tok: Tokenizer):
 def test_chat_template_with_tools_matches_transformers(tok: Tokenizer, hf_tok: Any):
     for conversation in CONVERSATIONS:
         ours = tok.apply_chat_template(conversation, tools=TOOLS)
-        assert ours == hf_tok.apply_chat_template(
-            conversation, tools=TOOLS, tokenize=False, add_generation_prompt=True
-        )
+        assert ours == hf_tok.apply_chat_template(conversation, tools=TOOLS, tokenize=False, add_generation_prompt=True)
         assert "## get_weather" in ours
 
 
@@ -296,17 +284,11 @@ def test_chat_template_files_and_named_templates(demo_dir: Path, tmp_path: Path)
     assert t.apply_chat_template([{"role": "user", "content": "x"}]) == "D"
     assert t.apply_chat_template([{"role": "user", "content": "x"}], tools=TOOLS) == "T"
     assert t.apply_chat_template([{"role": "user", "content": "x"}], chat_template="tool_use") == "T"
-    assert (
-        t.apply_chat_template([{"role": "user", "content": "x"}], chat_template="{{ messages[0].content }}!")
-        == "x!"
-    )
+    assert t.apply_chat_template([{"role": "user", "content": "x"}], chat_template="{{ messages[0].content }}!") == "x!"
     (d / "chat_template.jinja").write_text("J{{ messages | length }}")
     assert Tokenizer.from_pretrained(d).apply_chat_template([{"role": "user", "content": "x"}]) == "J1"
     assert (
-        Tokenizer.from_pretrained(d, chat_template="O").apply_chat_template(
-            [{"role": "user", "content": "x"}]
-        )
-        == "O"
+        Tokenizer.from_pretrained(d, chat_template="O").apply_chat_template([{"role": "user", "content": "x"}]) == "O"
     )
 
 
@@ -338,9 +320,7 @@ def test_chat_template_errors(tok: Tokenizer, demo_dir: Path, tmp_path: Path):
     with pytest.raises(InvalidRequestError):
         tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template=escape)
     with pytest.raises(InvalidRequestError):
-        tok.apply_chat_template(
-            [{"role": "user", "content": "x"}], chat_template="{% set ns = namespace(_x=1) %}"
-        )
+        tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template="{% set ns = namespace(_x=1) %}")
     # The sandbox is immutable: a template cannot change the caller's messages.
     messages = [{"role": "user", "content": "x"}]
     with pytest.raises(InvalidRequestError):
@@ -455,9 +435,7 @@ def test_stop_string_prefix_is_held_then_released(tok: Tokenizer):
     seed=st.integers(0, 2**16),
     include=st.booleans(),
 )
-def test_stop_strings_match_a_character_level_oracle(
-    tok: Tokenizer, text: str, stops: list[str], seed: int, include
-):
+def test_stop_strings_match_a_character_level_oracle(tok: Tokenizer, text: str, stops: list[str], seed: int, include):
     # Oracle: the stop string that ends first in the text (ties: the one that starts first).
     found = [(text.find(s) + len(s), text.find(s), s) for s in stops if s in text]
     detok = IncrementalDetokenizer(tok, [], stop=stops, include_stop_str_in_output=include)
@@ -479,12 +457,8 @@ def metaspace_tok() -> Tokenizer:
     """A Llama-style tokenizer (▁ for spaces, byte fallback for unseen characters), not byte-level."""
     trained = HFTokenizer(models.BPE(unk_token="<unk>"))
     trained.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
-    )
-    trained.train_from_iterator(
-        [line for line in demo_corpus().splitlines() if line.isascii()], trainer=trainer
-    )
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    trained.train_from_iterator([line for line in demo_corpus().splitlines() if line.isascii()], trainer=trainer)
     model = json.loads(trained.to_str())["model"]
     vocab = dict(model["vocab"])
     for b in range(256):

@@ -448,10 +448,7 @@ def test_media_become_content_parts_for_models_that_accept_them() -> None:
     parts = req.messages[0]["content"]
     assert parts[0] == {"type": "text", "text": "What is this?"}
     assert parse_data_uri(parts[1]["image_url"]["url"]) == ("image/png", png)
-    assert (
-        base64.b64decode(parts[2]["input_audio"]["data"]) == wav
-        and parts[2]["input_audio"]["format"] == "wav"
-    )
+    assert base64.b64decode(parts[2]["input_audio"]["data"]) == wav and parts[2]["input_audio"]["format"] == "wav"
 
 
 def test_envelope_errors_name_inputs_and_parameters() -> None:
@@ -462,9 +459,7 @@ def test_envelope_errors_name_inputs_and_parameters() -> None:
     with pytest.raises(InvalidRequestError) as perr:
         build_generation_request(bad, {}, request_id="r", model=None)
     assert perr.value.param == "parameters.temperature"
-    bomb = envelope(
-        {"modality": "text", "data": "x"}, {"modality": "image", "data": b64(png_header(9000, 9000))}
-    )
+    bomb = envelope({"modality": "text", "data": "x"}, {"modality": "image", "data": b64(png_header(9000, 9000))})
     with pytest.raises(PayloadTooLargeError) as big:
         validate_envelope_media(bomb, CFG)
     assert big.value.param == "inputs[1].data"

@@ -85,11 +85,7 @@ class IncrementalDetokenizer:
     def step(self, new_token_ids: Sequence[int]) -> DetokenizerStep:
         if self._stop_str is not None:
             return DetokenizerStep("")  # finished: whatever comes after a stop string is not output
-        text = (
-            self._decode_bytes(new_token_ids)
-            if self._utf8 is not None
-            else self._decode_offsets(new_token_ids)
-        )
+        text = self._decode_bytes(new_token_ids) if self._utf8 is not None else self._decode_offsets(new_token_ids)
         if not self._stops:
             return DetokenizerStep(text)
         return self._find_stop(self._held + text if self._held else text)

@@ -129,9 +129,7 @@ class Scheduler:
         self._max_model_len = max_model_len
         self._priority = config.policy == "priority"
         self._waiting: _FcfsQueue | _PriorityQueue = _PriorityQueue() if self._priority else _FcfsQueue()
-        self._running: list[
-            Request
-        ] = []  # may hold finished requests until the next schedule() (lazy removal)
+        self._running: list[Request] = []  # may hold finished requests until the next schedule() (lazy removal)
         self._num_running = 0
         self._running_dirty = False
         self._requests: dict[str, Request] = {}  # every unfinished request
@@ -163,9 +161,7 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self._requests:
-            raise InvalidRequestError(
-                f"request id {request.request_id!r} is already in use", param="request_id"
-            )
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use", param="request_id")
         if request.num_tokens == 0:
             raise InvalidRequestError("the prompt must hold at least 1 token", param="prompt")
         if request.num_tokens > self._max_model_len:
@@ -188,9 +184,7 @@ class Scheduler:
                 aborted.append(request)
         return aborted
 
-    def finish_request(
-        self, request: Request, reason: FinishReason, stop_reason: str | int | None = None
-    ) -> None:
+    def finish_request(self, request: Request, reason: FinishReason, stop_reason: str | int | None = None) -> None:
         """Mark a request finished and free its blocks. With ``FinishReason.ERROR`` its blocks also leave the
         prefix cache (the failed step may not have written them). Finishing twice is a no-op."""
         if request.is_finished or self._requests.get(request.request_id) is not request:
@@ -223,9 +217,7 @@ class Scheduler:
         out = step.out
         decodes = [s for s in step.scheduled if s.num_new_tokens == 1]
         out.num_decodes = len(decodes)
-        out.scheduled = (
-            decodes + [s for s in step.scheduled if s.num_new_tokens != 1] if decodes else step.scheduled
-        )
+        out.scheduled = decodes + [s for s in step.scheduled if s.num_new_tokens != 1] if decodes else step.scheduled
         out.num_batched_tokens = self._config.max_num_batched_tokens - step.budget
         return out
 

@@ -137,9 +137,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if not isinstance(text, str):
-            raise InvalidRequestError(
-                f"text to encode must be a string, got {type(text).__name__}", param="prompt"
-            )
+            raise InvalidRequestError(f"text to encode must be a string, got {type(text).__name__}", param="prompt")
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
@@ -224,9 +222,7 @@ class Tokenizer:
                 **variables,
             )
         except _TemplateRaised as exc:
-            raise InvalidRequestError(
-                f"the chat template rejected the messages: {exc}", param="messages"
-            ) from exc
+            raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from exc
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
             raise InvalidRequestError(
                 f"the chat template failed to render these messages: {type(exc).__name__}: {exc}",
@@ -433,9 +429,7 @@ class _ChatTemplates:
     def select(self, override: Any, tools: list[Any] | None) -> tuple[jinja2.Template, bool]:
         if override is not None:
             if not isinstance(override, str) or not override:
-                raise InvalidRequestError(
-                    "chat_template must be a template name or text", param="chat_template"
-                )
+                raise InvalidRequestError("chat_template must be a template name or text", param="chat_template")
             if override in self._compiled:
                 return self._compiled[override]
             try:
@@ -515,9 +509,7 @@ def _content(content: Any, i: int, *, list_content: bool) -> Any:
         )
     for j, part in enumerate(content):
         if not isinstance(part, Mapping) or not isinstance(part.get("type"), str):
-            raise InvalidRequestError(
-                f"messages[{i}].content[{j}] must be an object with a type", param="messages"
-            )
+            raise InvalidRequestError(f"messages[{i}].content[{j}] must be an object with a type", param="messages")
         if part["type"] == "text" and not isinstance(part.get("text"), str):
             raise InvalidRequestError(f"messages[{i}].content[{j}].text must be a string", param="messages")
     if list_content:
@@ -526,8 +518,7 @@ def _content(content: Any, i: int, *, list_content: bool) -> Any:
     for j, part in enumerate(content):
         if part["type"] != "text":
             raise InvalidRequestError(
-                f"messages[{i}].content[{j}] has type {part['type']!r}, but this model's chat template takes "
-                "text only",
+                f"messages[{i}].content[{j}] has type {part['type']!r}, but this model's chat template takes text only",
                 param="messages",
             )
     return "\n".join(part["text"] for part in content)

@@ -216,9 +216,7 @@ def build_demo_tokenizer(vocab_size: int = DEMO_VOCAB_SIZE) -> HFTokenizer:
     tok.train_from_iterator(_corpus_lines(), trainer=trainer)
     got = tok.get_vocab_size()
     if got != base_size:
-        raise ConfigError(
-            f"the demo corpus trains {got} tokens, not the {base_size} the demo tokenizer needs"
-        )
+        raise ConfigError(f"the demo corpus trains {got} tokens, not the {base_size} the demo tokenizer needs")
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GLM_SPECIAL_TOKENS])
     gmask, sop = tok.token_to_id("[gMASK]"), tok.token_to_id("<sop>")
     # Like GLM-4's tokenizer: encoding with special tokens prefixes [gMASK]<sop>.
@@ -263,9 +261,7 @@ def demo_hf_config(vocab_size: int, eos_ids: list[int], pad_id: int) -> dict[str
     }
 
 
-def random_state_dict(
-    hf_config: dict[str, Any], seed: int, dtype: torch.dtype = torch.float32
-) -> dict[str, Any]:
+def random_state_dict(hf_config: dict[str, Any], seed: int, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Seeded random weights under the exact Hugging Face tensor names of ``GlmForCausalLM`` or
     ``Glm4ForCausalLM``.
 
@@ -324,9 +320,7 @@ def write_random_checkpoint(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _write_json(path / "config.json", hf_config)
-    save_file(
-        random_state_dict(hf_config, seed, dtype), str(path / "model.safetensors"), metadata={"format": "pt"}
-    )
+    save_file(random_state_dict(hf_config, seed, dtype), str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
 
 

@@ -51,21 +51,15 @@ class GlmAttention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(
-            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
-        )
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx)
 
-    def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         qkv = self.qkv_proj(h)
         n, qk_size = qkv.shape[0], self.q_size + self.kv_size
         # q and k sit side by side in the fused output: rotate them with one call.
-        qk = apply_rotary(
-            qkv[:, :qk_size].view(n, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin
-        )
+        qk = apply_rotary(qkv[:, :qk_size].view(n, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, qk_size:].view(n, self.num_kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v, ctx))
@@ -95,9 +89,7 @@ class GlmDecoderLayer(nn.Module):
         self.post_self_attn_layernorm = RMSNorm(config.hidden_size, eps) if sandwich_norm else None
         self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps) if sandwich_norm else None
 
-    def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         a = self.self_attn(self.input_layernorm(h), cos, sin, ctx)
         if self.post_self_attn_layernorm is not None:
             a = self.post_self_attn_layernorm(a)
@@ -112,13 +104,9 @@ class GlmModel(nn.Module):
     def __init__(self, config: ModelArchConfig, sandwich_norm: bool) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            GlmDecoderLayer(config, i, sandwich_norm) for i in range(config.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(GlmDecoderLayer(config, i, sandwich_norm) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(
-            config.rotary_dim, config.max_position_embeddings, config.rope_theta
-        )
+        self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.max_position_embeddings, config.rope_theta)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
@@ -141,9 +129,7 @@ class GlmForCausalLM(nn.Module):
         self._qkv_slices = (slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv))
         self.model = GlmModel(config, self.sandwich_norm)
         self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

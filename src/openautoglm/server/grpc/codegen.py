@@ -34,9 +34,7 @@ _PRIVATE_POOL = "_POOL = _descriptor_pool.DescriptorPool()\nDESCRIPTOR = _POOL.A
 def _postprocess(name: str, text: str) -> str:
     if name == "grpc_predict_v2_pb2.py":
         if text.count(_DEFAULT_POOL) != 1:
-            raise RuntimeError(
-                "protoc output changed shape: cannot find the default-pool registration to replace"
-            )
+            raise RuntimeError("protoc output changed shape: cannot find the default-pool registration to replace")
         text = text.replace(_DEFAULT_POOL, _PRIVATE_POOL)
     return _HEADER + text
 

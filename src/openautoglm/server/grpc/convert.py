@@ -234,9 +234,7 @@ def _settings(msg: pb.ModelInferRequest, inputs: dict[str, tuple[str, list[Any]]
 def _check_outputs(msg: pb.ModelInferRequest) -> None:
     for out in msg.outputs:
         if out.name != TEXT_OUTPUT:
-            raise InvalidRequestError(
-                f"unknown output '{out.name}'; outputs available: {TEXT_OUTPUT}", param="outputs"
-            )
+            raise InvalidRequestError(f"unknown output '{out.name}'; outputs available: {TEXT_OUTPUT}", param="outputs")
 
 
 def parse_infer_request(msg: pb.ModelInferRequest, *, served_model: str, request_id: str) -> InferCall:

@@ -94,9 +94,7 @@ def decode_bytes_elements(raw: bytes, tensor: str) -> list[bytes]:
     items, pos = [], 0
     while pos < len(raw):
         if pos + 4 > len(raw):
-            raise InvalidRequestError(
-                f"raw contents of input '{tensor}' end inside a length prefix", param=tensor
-            )
+            raise InvalidRequestError(f"raw contents of input '{tensor}' end inside a length prefix", param=tensor)
         (size,) = _LEN.unpack_from(raw, pos)
         pos += 4
         if pos + size > len(raw):
@@ -110,9 +108,7 @@ def decode_bytes_elements(raw: bytes, tensor: str) -> list[bytes]:
 
 def element_count(shape: Sequence[int], tensor: str) -> int:
     if any(dim < 0 for dim in shape):
-        raise InvalidRequestError(
-            f"shape of input '{tensor}' has a negative dimension: {list(shape)}", param=tensor
-        )
+        raise InvalidRequestError(f"shape of input '{tensor}' has a negative dimension: {list(shape)}", param=tensor)
     return math.prod(shape)
 
 
@@ -123,15 +119,11 @@ def tensor_elements(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | 
         raise InvalidRequestError(f"input '{name}' has an unsupported data type '{datatype}'", param=name)
     if raw is not None:
         elements: list[Element] = (
-            list(decode_bytes_elements(raw, name))
-            if datatype == "BYTES"
-            else _raw_numbers(raw, datatype, name)
+            list(decode_bytes_elements(raw, name)) if datatype == "BYTES" else _raw_numbers(raw, datatype, name)
         )
     else:
         if datatype not in _CONTENTS_FIELD:
-            raise InvalidRequestError(
-                f"input '{name}' of type {datatype} must be sent as raw contents", param=name
-            )
+            raise InvalidRequestError(f"input '{name}' of type {datatype} must be sent as raw contents", param=name)
         elements = list(getattr(tensor.contents, _CONTENTS_FIELD[datatype]))
     expected = element_count(tensor.shape, name)
     if len(elements) != expected:

@@ -226,9 +226,7 @@ def validate_image(
         raise PayloadTooLargeError(
             f"{param} is {len(data)} bytes; the limit is {cfg.max_image_bytes} bytes", param=param
         )
-    fmt = _resolve_format(
-        sniff_image_format(data), declared, cfg.image_formats, "image", format_param or param
-    )
+    fmt = _resolve_format(sniff_image_format(data), declared, cfg.image_formats, "image", format_param or param)
     try:
         # Only the sniffed format's plugin may parse the bytes: no other decoder ever sees user data.
         with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]]) as im:
@@ -246,9 +244,7 @@ def validate_image(
             param=param,
         ) from exc
     except UnidentifiedImageError as exc:
-        raise InvalidRequestError(
-            f"{param} is not a valid {fmt} image: its header is corrupt", param=param
-        ) from exc
+        raise InvalidRequestError(f"{param} is not a valid {fmt} image: its header is corrupt", param=param) from exc
     except _DECODE_ERRORS as exc:
         raise InvalidRequestError(f"{param} is not a valid {fmt} image: {exc}", param=param) from exc
     return ValidatedMedia("image", fmt, data, width, height)
@@ -262,9 +258,7 @@ def validate_audio(
         raise PayloadTooLargeError(
             f"{param} is {len(data)} bytes; the limit is {cfg.max_audio_bytes} bytes", param=param
         )
-    fmt = _resolve_format(
-        sniff_audio_format(data), declared, cfg.audio_formats, "audio", format_param or param
-    )
+    fmt = _resolve_format(sniff_audio_format(data), declared, cfg.audio_formats, "audio", format_param or param)
     return ValidatedMedia("audio", fmt, data)
 
 
