@@ -116,3 +116,17 @@ async def test_diagnostics_needs_the_admin_scope(engine: AsyncEngine, tmp_path: 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         assert (await c.get("/admin/diagnostics")).status_code == 401
     await app.state.gateway.close()
+
+
+async def test_shed_action_refuses_less_urgent_requests_at_admission(app: FastAPI, client: httpx.AsyncClient) -> None:
+    body = {"model": "demo", "prompt": "hi", "max_tokens": 2, "temperature": 0}
+    shed = app.state.load_shed
+    shed.trigger("kv cache full in ~2 min")
+    refused = await client.post("/v1/completions", json={**body, "priority": 5})
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "load_shed" and "kv cache full" in refused.json()["error"]["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+    urgent = await client.post("/v1/completions", json={**body, "priority": 0})
+    assert urgent.status_code == 200
+    shed.until = 0.0  # the flag clears: everyone is admitted again
+    assert (await client.post("/v1/completions", json={**body, "priority": 5})).status_code == 200

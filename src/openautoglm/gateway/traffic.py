@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -26,7 +27,7 @@ from openautoglm.gateway.limits import HEADERS_NOTE, LimitsBook, LimitsPolicy, T
 from openautoglm.gateway.pipeline import GatewayContext
 from openautoglm.gateway.traffic_metrics import TrafficMetrics
 from openautoglm.observability import tracing
-from openautoglm.protocol.errors import ConfigError
+from openautoglm.protocol.errors import ConfigError, ServiceUnavailableError
 from openautoglm.protocol.outputs import RequestOutput
 from openautoglm.protocol.request import GenerationRequest
 
@@ -89,6 +90,9 @@ class Traffic:
                 l2 = redis_client(url, decode_responses=False)
             self.cache = ResponseCache(cfg.cache, self.metrics, l2, prefix)
         self.limits_on = "limits" in cfg.policies
+        # The observability layer's load-shed flag (set by the app when detectors run): while it is up, requests
+        # less urgent than its max_priority are refused before they reach the queue or the backend.
+        self.load_shed: Any = None
 
     async def _limiter_changed(self, up: bool, detail: str) -> None:
         self.metrics.limiter_up.set(1 if up else 0)
@@ -209,6 +213,8 @@ class TrafficCall:
                     self.identity.key_id if self.identity else None,
                     self.identity.tenant if self.identity else None, self._requested_priority(req),
                 )  # fmt: skip
+            self._check_shed(req.priority)
+            if t.admission is not None:
                 with tracing.span("gateway.queue", {"autoglm.priority": req.priority}):
                     await waiting.admit(req.priority)
                 queue = waiting  # admitted: from here on the slot is ours to release
@@ -230,6 +236,15 @@ class TrafficCall:
                 queue.release(finished=finished)
             if reservation is not None:
                 await reservation.settle_tracked()
+
+    def _check_shed(self, priority: int) -> None:
+        shed = self.t.load_shed
+        if shed is not None and shed.should_shed(priority):
+            raise ServiceUnavailableError(
+                f"Open-AutoGLM is shedding requests of priority above {shed.max_priority} for now: {shed.reason}",
+                retry_after=max(1.0, shed.until - time.monotonic()),
+                code="load_shed",
+            )
 
     def _requested_priority(self, req: GenerationRequest) -> int | None:
         if req.priority:

@@ -72,6 +72,7 @@ def create_app(settings: Settings, engine: Any, gateway: Gateway | None = None) 
     app.state.gateway = gateway if gateway is not None else Gateway(settings)
     app.state.metrics.registry.register(app.state.gateway.traffic.metrics)  # limits, queues, cache in /metrics
     diagnostics.install(app, settings)  # telemetry and detection metrics, app.state.load_shed
+    app.state.gateway.traffic.load_shed = app.state.load_shed  # the detectors' shed action acts at admission
     routers = (health.router, metrics.router, openai.router, infer_router, admin.router, router_admin.router)
     for router in (*routers, diagnostics.router):
         app.include_router(router)
