@@ -6,9 +6,11 @@ import asyncio
 import itertools
 import time
 from collections import Counter
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from openautoglm.backends.base import DEADLINE_KEY, UpstreamError, UpstreamTimeoutError
 from openautoglm.config.router import RouterConfig
@@ -17,6 +19,7 @@ from openautoglm.protocol.outputs import CompletedRequest
 from openautoglm.protocol.request import GenerationRequest
 from openautoglm.protocol.sampling import SamplingParams
 from openautoglm.router.router import ROUTE_KEY, Router
+from openautoglm.server.http.router_metrics import RouterCollector
 
 _ids = itertools.count()
 
@@ -178,6 +181,7 @@ async def test_breaker_opens_then_half_opens_and_closes(fakes) -> None:
             outcomes.append(exc.status)
     assert outcomes.count(500) == 3  # a failed three times (WRR alternates), then its breaker kept it out
     assert state.breaker.state.value == "open" and a.hits == 3
+    assert _breaker_metric(router) == {"a": 1.0, "b": 0.0}  # what the AutoGLMBackendCircuitOpen alert reads
     assert [await served_by(router) for _ in range(5)] == ["b"] * 5
     a.fault.status = None
     await asyncio.sleep(0.35)
@@ -185,6 +189,17 @@ async def test_breaker_opens_then_half_opens_and_closes(fakes) -> None:
     names = [await served_by(router) for _ in range(4)]
     assert "a" in names and state.breaker.state.value == "closed"
     await router.aclose()
+
+
+def _breaker_metric(router: Router) -> dict[str, float]:
+    registry = CollectorRegistry()
+    registry.register(RouterCollector(SimpleNamespace(router=router)))
+    return {
+        s.labels["backend"]: s.value
+        for f in registry.collect()
+        if f.name == "autoglm_backend_circuit_open"
+        for s in f.samples
+    }
 
 
 async def test_half_open_failure_reopens(fakes) -> None:

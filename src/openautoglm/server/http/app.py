@@ -34,6 +34,7 @@ from openautoglm.server.http.middleware import (
     RequestContextMiddleware,
 )
 from openautoglm.server.http.responses import OrjsonResponse
+from openautoglm.server.http.router_metrics import RouterCollector
 from openautoglm.server.http.state import ServerState
 
 # Bodies the routes parse themselves (see parsing.py) and the stream chunks: the OpenAPI document gets their
@@ -67,6 +68,7 @@ def create_app(settings: Settings, engine: Any, gateway: Gateway | None = None) 
     app.state.server_state = state
     app.state.metrics = ServerMetrics(engine.stats, engine.model_name, state)
     app.state.metrics.registry.register(GuidedCollector(engine, engine.model_name))
+    app.state.metrics.registry.register(RouterCollector(app.state))
     app.state.started_at = int(time.time())
     install_error_handlers(app)
     app.state.gateway = gateway if gateway is not None else Gateway(settings)
