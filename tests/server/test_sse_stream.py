@@ -7,16 +7,17 @@ from __future__ import annotations
 import asyncio
 import copy
 import math
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pytest
+from starlette.types import Send
 
 from openautoglm.protocol.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprob, Usage
 from openautoglm.server.http.openai_chat_output import ChatOutput
 from openautoglm.server.http.openai_completion_output import CompletionOutputs
-from openautoglm.server.http.responses import SSE_HEADERS, SSEResponse, sse_event
+from openautoglm.server.http.responses import SSE_HEADERS, SSEResponse, sse_body, sse_event
 
 
 class _Client:
@@ -37,39 +38,36 @@ class _Client:
             self.got_body.set()
 
 
-def _events(parts: list[bytes], cleanup: list[str], hold: asyncio.Event | None = None) -> AsyncIterator[bytes]:
-    async def gen() -> AsyncIterator[bytes]:
+def _producer(parts: list[bytes], cleanup: list[str], hold: asyncio.Event | None = None) -> Callable[[Send], Any]:
+    async def produce(send: Send) -> None:
         try:
             for part in parts:
-                yield part
+                await send(sse_body(part))
             if hold is not None:
                 await hold.wait()  # an engine that has nothing new yet
         finally:
             cleanup.append("closed")
 
-    return gen()
+    return produce
 
 
 async def test_events_go_out_in_order_with_the_sse_headers() -> None:
     client, cleanup = _Client(), []
-    await SSEResponse(_events([b"data: 1\n\n", b"data: 2\n\n"], cleanup), SSE_HEADERS)(
+    await SSEResponse(_producer([b"data: 1\n\n", b"data: 2\n\n"], cleanup), SSE_HEADERS)(
         {"type": "http"}, client.receive, client.send
     )
     start, *bodies = client.sent
     headers = dict(start["headers"])
     assert start["status"] == 200 and headers[b"content-type"] == b"text/event-stream; charset=utf-8"
     assert headers[b"cache-control"] == b"no-cache" and headers[b"x-accel-buffering"] == b"no"
-    assert [(b["body"], b["more_body"]) for b in bodies] == [
-        (b"data: 1\n\n", True),
-        (b"data: 2\n\n", True),
-        (b"", False),
-    ]
+    sent = [(b["body"], b["more_body"]) for b in bodies]
+    assert sent == [(b"data: 1\n\n", True), (b"data: 2\n\n", True), (b"", False)]
     assert cleanup == ["closed"]
 
 
 async def test_a_client_that_leaves_ends_the_stream_and_its_cleanup_at_once() -> None:
     client, cleanup, hold = _Client(), [], asyncio.Event()
-    response = SSEResponse(_events([b"data: 1\n\n"], cleanup, hold))
+    response = SSEResponse(_producer([b"data: 1\n\n"], cleanup, hold))
     task = asyncio.create_task(response({"type": "http"}, client.receive, client.send))
     await client.got_body.wait()
     client.incoming.put_nowait({"type": "http.disconnect"})
@@ -80,7 +78,8 @@ async def test_a_client_that_leaves_ends_the_stream_and_its_cleanup_at_once() ->
 
 async def test_a_server_cancellation_still_cancels_the_response() -> None:
     client, cleanup, hold = _Client(), [], asyncio.Event()
-    task = asyncio.create_task(SSEResponse(_events([], cleanup, hold))({"type": "http"}, client.receive, client.send))
+    response = SSEResponse(_producer([], cleanup, hold))
+    task = asyncio.create_task(response({"type": "http"}, client.receive, client.send))
     while not client.sent:  # the response has started and waits for its first event
         await asyncio.sleep(0.01)
     task.cancel()

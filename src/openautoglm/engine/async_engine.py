@@ -29,8 +29,34 @@ from openautoglm.protocol.request import GenerationRequest
 
 logger = logging.getLogger(__name__)
 
-ChunkQueue = "asyncio.Queue[RequestOutput | BaseException]"
-Route = tuple[asyncio.AbstractEventLoop, ChunkQueue]
+
+class ChunkInbox:
+    """One request's chunks on their way to its consumer; used only on the consumer's event loop. Lighter than an
+    asyncio.Queue (one chunk per token per stream passes here), and the consumer takes whatever piled up at once."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[RequestOutput | BaseException] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def take_all(self) -> list[RequestOutput | BaseException]:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        items, self._items = self._items, []
+        return items
+
+
+Route = tuple[asyncio.AbstractEventLoop, ChunkInbox]
 
 
 @dataclass(slots=True)
@@ -74,28 +100,26 @@ class EngineFrontend(ABC):
         rid = processed.request_id
         if rid in self._in_flight:
             raise InvalidRequestError(f"request id {rid!r} is already in flight", param="request_id")
-        chunks: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        chunks = ChunkInbox()
         self._in_flight.add(rid)
         self._inbox.put(Add(processed, (asyncio.get_running_loop(), chunks)))
         finished = False
-        pending: BaseException | None = None
         try:
-            while True:
-                item = await chunks.get()
-                if isinstance(item, BaseException):
-                    raise item
+            while not finished:
                 # A consumer that fell behind gets what piled up as one chunk: fewer, larger deltas under load
                 # instead of a backlog that costs per-chunk overhead in every transport.
-                while not item.finished and not chunks.empty():
-                    more = chunks.get_nowait()
+                items = await chunks.take_all()
+                item = items[0]
+                if isinstance(item, BaseException):
+                    raise item
+                pending = None
+                for more in items[1:]:
                     if isinstance(more, BaseException):
                         pending = more
                         break
                     item.merge(more)
                 finished = item.finished
                 yield item
-                if finished:
-                    return
                 if pending is not None:
                     raise pending
         finally:
@@ -127,7 +151,7 @@ class Routes:
 
     def deliver(self, outputs: Iterable[RequestOutput]) -> None:
         """Hand one step's chunks to their event loops: one ``call_soon_threadsafe`` per loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[ChunkInbox, RequestOutput]]] = {}
         routes = self._routes
         for out in outputs:
             route = routes.pop(out.request_id, None) if out.finished else routes.get(out.request_id)
@@ -151,7 +175,7 @@ def post(loop: asyncio.AbstractEventLoop, items: list) -> None:
 
 def _put_all(items: list) -> None:
     for chunks, item in items:
-        chunks.put_nowait(item)
+        chunks.put(item)
 
 
 class AsyncEngine(EngineFrontend):

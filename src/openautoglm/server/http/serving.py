@@ -9,11 +9,13 @@ latency metrics and the access log's outcome and usage. What the response looks 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Send
 
 from openautoglm.gateway.access import require_model
 from openautoglm.protocol.errors import AutoGLMError, InternalError, ModelNotFoundError
@@ -22,7 +24,7 @@ from openautoglm.protocol.request import GenerationRequest
 from openautoglm.server.http.auth import gateway_context
 from openautoglm.server.http.metrics import RequestTimer
 from openautoglm.server.http.middleware import RequestInfo
-from openautoglm.server.http.responses import SSE_DONE, SSE_HEADERS, OrjsonResponse, SSEResponse, sse_event
+from openautoglm.server.http.responses import SSE_DONE, SSE_HEADERS, OrjsonResponse, SSEResponse, sse_body, sse_event
 from openautoglm.server.http.streams import ClientDisconnected, EngineCall, run_unless_disconnected
 
 logger = logging.getLogger("openautoglm.server")
@@ -100,7 +102,7 @@ async def serve_generation(
         timer.aborted("client_disconnected")
         return Response(status_code=499)
     if stream:
-        return SSEResponse(_sse(call, output, timer, info, len(gens)), headers=SSE_HEADERS)
+        return SSEResponse(partial(_stream, call, output, timer, info, len(gens)), headers=SSE_HEADERS)
     try:
         await run_unless_disconnected(request.receive, _collect(call, output, timer))
     except ClientDisconnected:
@@ -120,11 +122,11 @@ async def _collect(call: EngineCall, output: ServedOutput, timer: RequestTimer) 
         output.add(k, chunk)
 
 
-async def _sse(
-    call: EngineCall, output: ServedOutput, timer: RequestTimer, info: RequestInfo, num_requests: int
-) -> AsyncIterator[bytes]:
-    """The stream's events, one write per engine chunk: events that are ready together (the opening events with
-    the first chunk, the closing ones with the last) go out together. Headers are sent by now, so a failure
+async def _stream(
+    call: EngineCall, output: ServedOutput, timer: RequestTimer, info: RequestInfo, num_requests: int, send: Send
+) -> None:
+    """Send the stream's events, one write per engine chunk: events that are ready together (the opening events
+    with the first chunk, the closing ones with the last) go out together. Headers are sent by now, so a failure
     travels as an ``{"error": …}`` event before ``[DONE]``."""
     done = False
     events = output.start_events()
@@ -135,19 +137,21 @@ async def _sse(
             events += output.chunk_events(k, chunk)
             unfinished -= chunk.finished
             if events and unfinished:
-                yield b"".join(events)
+                await send(sse_body(b"".join(events)))
                 events = []
         events += output.end_events()
-        yield b"".join(events)
+        await send(sse_body(b"".join(events)))
         done = True
     except AutoGLMError as exc:
         info.outcome = "error"
-        yield b"".join([*events, sse_event(exc.to_openai()), SSE_DONE])
+        await send(sse_body(b"".join([*events, sse_event(exc.to_openai()), SSE_DONE])))
+    except OSError:
+        raise  # the client left (ASGI 2.4 servers say so on send): nothing more can be sent
     except Exception:
         logger.exception("stream of request %s failed", info.request_id)
         info.outcome = "error"
         error = InternalError("internal server error; the server log has the details")
-        yield b"".join([*events, sse_event(error.to_openai()), SSE_DONE])
+        await send(sse_body(b"".join([*events, sse_event(error.to_openai()), SSE_DONE])))
     finally:
         await call.aclose()
         info.usage = output.usage
