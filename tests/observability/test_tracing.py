@@ -189,3 +189,39 @@ def test_sampling_ratio_zero_records_nothing_new() -> None:
         pass
     tracing.shutdown()
     assert exp.get_finished_spans() == ()
+
+
+async def test_grpc_inference_is_traced_and_continues_the_clients_traceparent(
+    engine: AsyncEngine, tmp_path: Path, exporter: InMemorySpanExporter
+) -> None:
+    import socket
+
+    import numpy as np
+    from tritonclient.grpc.aio import InferenceServerClient, InferInput
+
+    from openautoglm.gateway.service import Gateway
+    from openautoglm.server.grpc import start_grpc_server
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    gateway = Gateway(settings_for(tmp_path))
+    server = await start_grpc_server(engine, "127.0.0.1", port, gateway=gateway)
+    client = InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        text = InferInput("text_input", [1], "BYTES")
+        text.set_data_from_numpy(np.array([b"hello"], dtype=np.object_))
+        headers = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"}
+        await client.infer("demo", [text], parameters={"max_tokens": 3, "temperature": 0}, headers=headers)
+    finally:
+        await client.close()
+        await server.stop(None)
+        await gateway.close()
+    spans = by_name(exporter)
+    root = spans["inference.GRPCInferenceService/ModelInfer"]
+    assert root.kind.name == "SERVER" and root.attributes["rpc.system"] == "grpc"
+    assert format(root.context.trace_id, "032x") == CLIENT_TRACE
+    assert format(root.parent.span_id, "016x") == CLIENT_PARENT
+    calls = [s for s in exporter.get_finished_spans() if s.attributes.get("gen_ai.request.model") == "demo"]
+    assert calls and all(s.context.trace_id == root.context.trace_id for s in calls)
+    assert spans["gateway.auth"].parent.span_id == root.context.span_id

@@ -96,6 +96,21 @@ def span(name: str, attributes: dict[str, Any] | None = None) -> contextlib.Abst
     return _tracer.start_as_current_span(name, attributes=attributes)
 
 
+def grpc_server_span(method: str, metadata: Any) -> contextlib.AbstractContextManager[Any]:
+    """The server span of one gRPC call (``method`` as grpc names it, ``/package.Service/Method``), continuing a
+    client's ``traceparent`` sent in the call's metadata; current for the whole call."""
+    if _tracer is None:
+        return _NOOP
+    from opentelemetry.trace import SpanKind
+
+    carrier = {k: v for k, v in (metadata or ()) if k in ("traceparent", "tracestate") and isinstance(v, str)}
+    service, _, name = method.strip("/").rpartition("/")
+    attrs = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+    return _tracer.start_as_current_span(
+        method.strip("/"), context=_propagator.extract(carrier), kind=SpanKind.SERVER, attributes=attrs
+    )
+
+
 def start_span(name: str, attributes: dict[str, Any] | None = None, kind: str = "INTERNAL") -> Any:
     """A span that stays open across yields and is not made current (ended by the caller); None when off."""
     if _tracer is None:

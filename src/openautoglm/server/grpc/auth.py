@@ -13,6 +13,7 @@ from openautoglm.gateway.bruteforce import client_address
 from openautoglm.gateway.pipeline import GatewayContext, Identity, Outcome
 from openautoglm.gateway.scopes import GRPC_SCOPES
 from openautoglm.gateway.service import Gateway
+from openautoglm.observability import tracing
 from openautoglm.protocol.errors import AutoGLMError, PermissionDeniedError
 from openautoglm.server.grpc.errors import abort
 
@@ -87,23 +88,26 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                ctx = await check(method, context)
-                try:
-                    return await inner_uu(request, context)
-                finally:
-                    await after(ctx, Outcome(200))
+                with tracing.grpc_server_span(method, context.invocation_metadata()):
+                    ctx = await check(method, context)
+                    try:
+                        return await inner_uu(request, context)
+                    finally:
+                        await after(ctx, Outcome(200))
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
         if handler.stream_stream is not None:
             inner_ss = handler.stream_stream
 
             async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                ctx = await check(method, context)
-                try:
-                    async for response in inner_ss(requests, context):
-                        yield response
-                finally:
-                    await after(ctx, Outcome(200))
+                # grpc drives this generator from the call's own task, so the span stays current across yields.
+                with tracing.grpc_server_span(method, context.invocation_metadata()):
+                    ctx = await check(method, context)
+                    try:
+                        async for response in inner_ss(requests, context):
+                            yield response
+                    finally:
+                        await after(ctx, Outcome(200))
 
             return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
         # KServe v2 has no unary-stream or stream-unary methods; refuse rather than serve one unchecked.
