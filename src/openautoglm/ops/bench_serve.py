@@ -6,9 +6,9 @@ server's own ``/tokenize`` returned, so they are valid for its tokenizer) and st
 tokens back (``ignore_eos``). Metrics follow vLLM's ``bench serve``: TTFT is the time to the first streamed
 chunk, ITL the gaps between chunks, TPOT ``(e2e - TTFT) / (output tokens - 1)`` per request.
 
-The HTTP client is aiohttp: streaming 19,500 SSE events from a local server cost 7 µs of client CPU per event
-with aiohttp against 27-30 µs with httpx (this machine, 16 concurrent streams), and the client shares the CPU
-with the server it measures.
+The streams go through sse_client.StreamClient, which parses each response as its bytes arrive and stamps
+every event with their arrival time: the client shares the CPU with the server it measures, and aiohttp (used
+here for the few set-up requests) costs a future and a task wake-up per read. vLLM's client uses aiohttp.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from openautoglm.ops.sse_client import ResponseError, StreamClient
 from openautoglm.protocol.errors import ConfigError, ServiceUnavailableError
 
 _MAX_ERRORS_KEPT = 10
@@ -245,27 +246,21 @@ def _apply_event(record: RequestRecord, data: dict[str, Any], now: float, start:
     return last
 
 
-_JSON = {"Content-Type": "application/json"}
-
-
-async def _one_request(session: aiohttp.ClientSession, url: str, payload: dict[str, Any]) -> RequestRecord:
+async def _one_request(client: StreamClient, path: str, payload: dict[str, Any]) -> RequestRecord:
     record = RequestRecord(success=True, prompt_len=len(payload["prompt"]))
     start = last = time.perf_counter()
+
+    def on_event(data: bytes, now: float) -> None:
+        nonlocal last
+        if data != b"[DONE]":
+            last = _apply_event(record, orjson.loads(data), now, start, last)
+
     try:
-        async with session.post(url, data=orjson.dumps(payload), headers=_JSON) as resp:
-            if resp.status != 200:
-                body = await resp.text()
-                return RequestRecord(success=False, error=f"HTTP {resp.status}: {body[:300]}")
-            buffer = b""
-            async for data in resp.content.iter_any():
-                now = time.perf_counter()
-                events, buffer = _parse_events(buffer + data)
-                for event in events:
-                    if event == b"[DONE]":
-                        continue
-                    last = _apply_event(record, orjson.loads(event), now, start, last)
-    except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError) as exc:
-        return RequestRecord(success=False, error=f"{type(exc).__name__}: {exc}")
+        status, body = await client.post(path, orjson.dumps(payload), on_event)
+    except ResponseError as exc:
+        return RequestRecord(success=False, error=str(exc))
+    if status != 200:
+        return RequestRecord(success=False, error=f"HTTP {status}: {body[:300].decode(errors='replace')}")
     record.latency = time.perf_counter() - start
     if record.success and record.num_chunks == 0:
         return RequestRecord(success=False, error="the stream ended without a token")
@@ -291,11 +286,12 @@ async def run_bench_serve(
     """
     _check_args(num_prompts, request_rate, max_concurrency, input_len, output_len)
     base = url.rstrip("/")
-    connector = aiohttp.TCPConnector(limit=max_concurrency or 0)
+    client = StreamClient(base)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
+    async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:  # the set-up requests only
         model = model or await _served_model(session, base)
         pool = await token_pool(session, base, model, seed)
+    try:
         rng = random.Random(seed)
         # One extra prompt for the test request, so that no measured prompt is already in the prefix cache.
         test_prompt, *prompts = [rng.choices(pool, k=input_len) for _ in range(num_prompts + 1)]
@@ -311,16 +307,15 @@ async def run_bench_serve(
                 "stream_options": {"include_usage": True},
             }
 
-        target = base + endpoint
-        test = await _one_request(session, target, payload(test_prompt))
+        test = await _one_request(client, endpoint, payload(test_prompt))
         if not test.success:
-            raise ServiceUnavailableError(f"the test request to {target} failed: {test.error}")
+            raise ServiceUnavailableError(f"the test request to {base}{endpoint} failed: {test.error}")
 
         limit = asyncio.Semaphore(max_concurrency or num_prompts)
 
         async def limited(prompt: list[int]) -> RequestRecord:
             async with limit:
-                return await _one_request(session, target, payload(prompt))
+                return await _one_request(client, endpoint, payload(prompt))
 
         start = time.perf_counter()
         tasks = []
@@ -330,6 +325,8 @@ async def run_bench_serve(
                 await asyncio.sleep(rng.expovariate(request_rate))  # Poisson arrivals
         records = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
+    finally:
+        client.close()
     config = BenchServeConfig(
         url=base,
         model=model,
