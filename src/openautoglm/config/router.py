@@ -26,7 +26,11 @@ class BackendConfig(_Strict):
     name: str = Field(..., min_length=1, description="Unique within the deployment; names it in logs and metrics")
     kind: BackendKind = "openai"
     url: str | None = Field(None, description="Base URL of a remote backend, e.g. http://10.0.0.5:8000/v1")
-    model: str | None = Field(None, description="Model name the backend knows; default: the deployment's")
+    model: str | None = Field(
+        None,
+        description="Model name the backend knows; default: the deployment's. For kind 'local': a checkpoint "
+        "directory or 'demo' the router loads an engine of its own for (unset: the server's engine)",
+    )
     weight: float = Field(1.0, gt=0, le=1000)
     version: str = Field("stable", min_length=1, description="Model version label (stable/canary rollout)")
     api_key_env: str | None = Field(None, description="Environment variable holding the backend's API key")
@@ -177,6 +181,13 @@ class RouterConfig(_Strict):
     retry: RetryConfig = Field(default_factory=RetryConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     ewma_decay_s: Duration = Field(10.0, gt=0, le=3600, description="Time constant of the latency EWMA")
+    memory_budget_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="Bytes the local backends' own engines may take together (estimated); a new version that "
+        "would exceed it replaces the old one after a drain instead of loading beside it. None: no limit (on "
+        "a GPU, the device's free memory still decides)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RouterConfig:

@@ -20,9 +20,17 @@ from openautoglm.backends.base import DEADLINE_KEY, Backend, UpstreamError, Upst
 from openautoglm.backends.factory import build_backend
 from openautoglm.backends.http_client import HttpPool
 from openautoglm.backends.local import Engine
+from openautoglm.backends.local_versions import LocalVersion, LocalVersions, estimate_bytes, version_key
 from openautoglm.config.router import BackendConfig, DeploymentConfig, RouterConfig
+from openautoglm.config.settings import EngineConfig
 from openautoglm.observability import tracing
-from openautoglm.protocol.errors import AutoGLMError, ConfigError, InternalError, ModelNotFoundError
+from openautoglm.protocol.errors import (
+    AutoGLMError,
+    ConfigError,
+    InternalError,
+    ModelNotFoundError,
+    ServiceUnavailableError,
+)
 from openautoglm.protocol.outputs import FinishReason, RequestOutput
 from openautoglm.protocol.request import GenerationRequest
 from openautoglm.router.deployment import Deployment, TokenCounter, estimate_prompt_tokens
@@ -46,17 +54,28 @@ class Router:
         audit: AuditHook | None = None,
         count_tokens: TokenCounter = estimate_prompt_tokens,
         pool: HttpPool | None = None,
+        engine_template: EngineConfig | None = None,
     ) -> None:
+        """Local backends naming a checkpoint of their own get engines built from ``engine_template`` (default
+        settings otherwise); the first ones load here, synchronously: build the router before serving."""
         self.engine = engine
         self.environ = dict(environ or {})
         self.audit = audit
         self.count_tokens = count_tokens
         self.pool = pool or HttpPool()
         self.cfg = cfg
+        self.local = LocalVersions(engine_template, cfg.memory_budget_bytes)
+        self.local.check(cfg)
+        for key in self.local.missing(cfg):
+            self.local.load_sync(key)
         self.deployments = self._build(cfg, {})
         self.budget = RetryBudget(cfg.retry)
         self._tasks: list[asyncio.Task[None]] = []
         self._discovery: list[asyncio.Task[None]] = []
+        self._paused: dict[str, asyncio.Event] = {}  # deployments waiting for a drain-and-swap to finish
+        self._reloading: asyncio.Task[None] | None = None
+        self._reload_lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
 
     # --- building and reloading --------------------------------------------------------------------------------
 
@@ -95,6 +114,9 @@ class Router:
 
     def make_backend(self, dcfg: DeploymentConfig, bcfg: BackendConfig, cfg: RouterConfig | None = None) -> Backend:
         cfg = cfg or self.cfg
+        key = version_key(dcfg, bcfg)
+        if key is not None:
+            return self.local.backend(key, bcfg)
         return build_backend(
             bcfg,
             model=dcfg.model,
@@ -105,7 +127,62 @@ class Router:
         )
 
     def reload(self, cfg: RouterConfig) -> None:
-        """Switch to ``cfg`` at once. Requests in flight keep the backends they started on and finish there."""
+        """Switch to ``cfg``. Requests in flight keep the backends they started on and finish there. When ``cfg``
+        names local versions not loaded yet, the switch happens in a task (``settled()`` awaits it) once they are
+        loaded: beside the old versions when memory allows, otherwise after draining the old ones."""
+        self.local.budget = cfg.memory_budget_bytes
+        try:
+            self.local.check(cfg)
+        except AutoGLMError:
+            raise
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"router configuration refused: {exc}") from exc
+        missing = self.local.missing(cfg)
+        if not missing and not self._reload_lock.locked():
+            self._switch(cfg)
+            return
+        previous = self._reloading
+        self._reloading = asyncio.get_running_loop().create_task(
+            self._reload_local(cfg, previous), name="autoglm-router-reload"
+        )
+
+    async def settled(self) -> None:
+        """Wait for a reload's local versions to be loaded and switched to (re-raising its failure)."""
+        if self._reloading is not None:
+            await asyncio.shield(self._reloading)
+
+    async def _reload_local(self, cfg: RouterConfig, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:  # reloads apply in order
+            with suppress(AutoGLMError):
+                await previous
+        async with self._reload_lock:
+            try:
+                for key in self.local.missing(cfg):
+                    ecfg = self.local.engine_config(key[2])
+                    if not self.local.fits(estimate_bytes(ecfg), ecfg):
+                        await self._drain(self.local.unused(cfg))
+                    await self.local.load(key)
+                self._switch(cfg)
+            except AutoGLMError as exc:
+                logger.error("router: reload failed, loading a local version: %s", exc.message)
+                raise
+            finally:
+                for gate in self._paused.values():
+                    gate.set()
+                self._paused.clear()
+
+    async def _drain(self, versions: list[LocalVersion]) -> None:
+        """Stop routing to ``versions`` (their deployments' new requests wait), wait for their requests to finish
+        and shut their engines down, making room for a version that does not fit beside them."""
+        backends = {id(b) for v in versions for b in v.backends}
+        for dep in self.deployments.values():
+            if any(id(s.backend) in backends for s in dep.states):
+                self._paused.setdefault(dep.model, asyncio.Event())
+        logger.info("router: draining %d local versions to make room", len(versions))
+        for version in versions:
+            await self.local.retire(version)
+
+    def _switch(self, cfg: RouterConfig) -> None:
         try:
             deployments = self._build(cfg, self.deployments)
         except AutoGLMError:
@@ -119,6 +196,10 @@ class Router:
                 task.cancel()
             self._discovery = []
             self._start_discovery()
+        for version in self.local.unused(cfg):  # shut down once its requests have finished
+            task = asyncio.get_running_loop().create_task(self.local.retire(version), name="autoglm-router-retire")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
         logger.info("router: reloaded, %d deployments", len(deployments))
 
     # --- background work -----------------------------------------------------------------------------------------
@@ -178,6 +259,10 @@ class Router:
     async def aclose(self) -> None:
         await self._stop(self._tasks)
         await self._stop(self._discovery)
+        if self._reloading is not None:
+            await self._stop([self._reloading])
+        await self._stop(list(self._retiring))
+        await self.local.aclose()
         await self.pool.aclose()
 
     async def probe_all(self) -> None:
@@ -231,6 +316,8 @@ class Router:
         dep = self.deployment(request.model)
         if not isinstance(request.metadata.get(DEADLINE_KEY), (int, float)):
             request.metadata[DEADLINE_KEY] = time.time() + self.cfg.retry.default_deadline_s
+        if dep.model in self._paused:
+            dep = await self._after_swap(dep.model, request)
         sticky = request.metadata.get("user")
         version = dep.rollout.version_for(str(sticky) if sticky is not None else request.request_id)
         needs = dep.needs(request, self.count_tokens)
@@ -262,6 +349,17 @@ class Router:
             finally:
                 await stream.aclose()
             return
+
+    async def _after_swap(self, model: str, request: GenerationRequest) -> Deployment:
+        """Wait, within the request's deadline, for the drain-and-swap of ``model``'s local version."""
+        try:
+            async with asyncio.timeout(max(request.metadata[DEADLINE_KEY] - time.time(), 0.0)):
+                await self._paused[model].wait()
+        except TimeoutError as exc:
+            raise ServiceUnavailableError(
+                f"request {request.request_id} passed its deadline while model {model!r} swapped versions"
+            ) from exc
+        return self.deployment(request.model)
 
     def _should_retry(self, exc: UpstreamError, attempt: int, request: GenerationRequest) -> bool:
         if not exc.retryable or attempt >= self.cfg.retry.max_attempts:
