@@ -88,7 +88,9 @@ def build_router(settings: Settings, engine: EngineFrontend, gateway: Any) -> Ro
                     "reason": event.reason, "canary": event.canary, "stable": event.stable},
         )  # fmt: skip
 
-    return Router(settings.router, engine=engine, environ=dict(os.environ), audit=audit)
+    return Router(
+        settings.router, engine=engine, environ=dict(os.environ), audit=audit, engine_template=settings.engine
+    )
 
 
 def on_sighup(app_state: Any) -> None:
