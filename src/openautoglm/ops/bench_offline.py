@@ -3,17 +3,15 @@ continuous-batching ``generate_batch`` on the same checkpoint and requests, in t
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import random
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 
 from openautoglm.config.settings import EngineConfig
 from openautoglm.engine.llm import LLM
+from openautoglm.ops.timing import settled_heap
 from openautoglm.protocol.errors import InvalidRequestError
 from openautoglm.protocol.request import GenerationRequest
 from openautoglm.protocol.sampling import SamplingParams
@@ -66,19 +64,6 @@ def synthetic_prompts(num: int, input_len: tuple[int, int], vocab: int, seed: in
     # Stay clear of the top of the vocabulary, where GLM tokenizers keep their special tokens.
     high = max(2, vocab - 64)
     return [[rng.randrange(1, high) for _ in range(rng.randint(*input_len))] for _ in range(num)]
-
-
-@contextlib.contextmanager
-def settled_heap() -> Iterator[None]:
-    """Time a run without the cyclic GC scanning what was built before it (the model, the tokenizer, the
-    warm-up): a full collection in the middle of a run of a tiny model costs a sizeable share of it. Servers
-    freeze their start-up heap the same way. Applied alike to both engines."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def bench_engine(config: EngineConfig, prompts: list[list[int]], output_len: int) -> Throughput:

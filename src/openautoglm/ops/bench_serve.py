@@ -19,6 +19,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from openautoglm.ops.sse_client import ResponseError, StreamClient
+from openautoglm.ops.timing import settled_heap
 from openautoglm.protocol.errors import ConfigError, ServiceUnavailableError
 
 _MAX_ERRORS_KEPT = 10
@@ -267,6 +269,23 @@ async def _one_request(client: StreamClient, path: str, payload: dict[str, Any])
     return record
 
 
+async def _run(
+    prompts: list[list[int]],
+    send: Callable[[list[int]], Awaitable[RequestRecord]],
+    request_rate: float,
+    rng: random.Random,
+) -> tuple[list[RequestRecord], float]:
+    """Send every prompt (all at once, or as a Poisson process at ``request_rate``); the records and seconds."""
+    start = time.perf_counter()
+    tasks = []
+    for i, prompt in enumerate(prompts):
+        tasks.append(asyncio.create_task(send(prompt)))
+        if i + 1 < len(prompts) and not math.isinf(request_rate):
+            await asyncio.sleep(rng.expovariate(request_rate))  # Poisson arrivals
+    records = await asyncio.gather(*tasks)
+    return list(records), time.perf_counter() - start
+
+
 async def run_bench_serve(
     url: str,
     model: str | None = None,
@@ -317,14 +336,8 @@ async def run_bench_serve(
             async with limit:
                 return await _one_request(client, endpoint, payload(prompt))
 
-        start = time.perf_counter()
-        tasks = []
-        for i, prompt in enumerate(prompts):
-            tasks.append(asyncio.create_task(limited(prompt)))
-            if i + 1 < num_prompts and not math.isinf(request_rate):
-                await asyncio.sleep(rng.expovariate(request_rate))  # Poisson arrivals
-        records = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
+        with settled_heap():  # the load generator must not pause for full GC passes over its imports
+            records, duration = await _run(prompts, limited, request_rate, rng)
     finally:
         client.close()
     config = BenchServeConfig(
@@ -338,4 +351,4 @@ async def run_bench_serve(
         output_len=output_len,
         seed=seed,
     )
-    return compute_result(config, list(records), duration)
+    return compute_result(config, records, duration)
