@@ -8,10 +8,12 @@ import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from openautoglm.engine.async_engine import Add, ChunkInbox
 from openautoglm.engine.engine_process import EngineProcess, decode_outputs, encode_outputs
 from openautoglm.engine.llm import LLM
 from openautoglm.protocol.errors import (
@@ -21,6 +23,7 @@ from openautoglm.protocol.errors import (
     ModelLoadError,
     ServiceUnavailableError,
 )
+from openautoglm.protocol.guided import GuidedDecoding
 from openautoglm.protocol.outputs import (
     CompletedRequest,
     CompletionOutput,
@@ -170,3 +173,29 @@ async def test_shutdown_stops_the_process_and_ends_open_streams(tiny_glm4: Path,
     assert not eng.is_healthy()
     with pytest.raises(ProcessLookupError):
         os.kill(eng.pid, 0)
+
+
+@pytest.mark.slow
+async def test_guided_choice_crosses_to_the_engine_process(engine: EngineProcess) -> None:
+    choices = ("yes please", "no thanks")
+    req = GenerationRequest(
+        "guided",
+        prompt="Answer:",
+        sampling=SamplingParams(max_tokens=16, temperature=1.0, seed=1),
+        guided=GuidedDecoding(choice=choices),
+    )
+    done = await _collect(engine, req)
+    assert done.finished and done.sequences[0].text in choices
+
+
+@pytest.mark.slow
+async def test_a_request_that_cannot_cross_is_refused_alone(engine: EngineProcess) -> None:
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    processed = engine._input_processor.process(GenerationRequest("odd", prompt="hi", sampling=params))
+    inbox = ChunkInbox()
+    unpicklable = replace(processed, logits_processor_factory=lambda: None)
+    engine._inbox.put(Add(unpicklable, (asyncio.get_running_loop(), inbox)))
+    (item,) = await asyncio.wait_for(inbox.take_all(), 30)
+    assert isinstance(item, EngineError) and "cannot be sent to the engine process" in str(item)
+    after = await _collect(engine, GenerationRequest("normal", prompt="hi", sampling=params))
+    assert after.finished and len(after.sequences[0].token_ids) == 4

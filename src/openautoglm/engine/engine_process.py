@@ -53,6 +53,7 @@ class EngineInfo:
     max_model_len: int
     vocab_size: int
     kv_capacity_tokens: int
+    stop_token_ids: frozenset[int]
     tokenizer_path: str
     stats: EngineStats
 
@@ -69,7 +70,12 @@ class EngineProcess(EngineFrontend):
         self.max_model_len = info.max_model_len
         super().__init__(
             InputProcessor(
-                self.tokenizer, config.scheduler, info.max_model_len, info.vocab_size, info.kv_capacity_tokens
+                self.tokenizer,
+                config.scheduler,
+                info.max_model_len,
+                info.vocab_size,
+                info.kv_capacity_tokens,
+                stop_token_ids=info.stop_token_ids,
             )
         )
         self._proc = proc
@@ -176,10 +182,28 @@ class EngineProcess(EngineFrontend):
         if self._fatal is not None:
             return False
         try:
-            self._to_engine.send_bytes(pickle.dumps(commands, _PICKLE))
+            frame = pickle.dumps(commands, _PICKLE)
+        except Exception:  # noqa: BLE001 — one request holds something that cannot cross: refuse that one only
+            frame = pickle.dumps(self._picklable(commands), _PICKLE)
+        try:
+            self._to_engine.send_bytes(frame)
         except OSError:  # the child is gone; the reader reports why
             return False
         return True
+
+    def _picklable(self, commands: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        kept = []
+        for kind, payload in commands:
+            try:
+                pickle.dumps(payload, _PICKLE)
+            except Exception as exc:  # reported to that request's consumer
+                rid = payload.request_id
+                logger.exception("Open-AutoGLM engine: request %s cannot be sent to the engine process", rid)
+                err = EngineError(f"the request cannot be sent to the engine process: {type(exc).__name__}: {exc}")
+                self._routes.fail_one(rid, err)
+                continue
+            kept.append((kind, payload))
+        return kept
 
     def _refuse_adds(self, commands: list[tuple[str, Any]]) -> None:
         err = ServiceUnavailableError(f"the Open-AutoGLM engine has stopped: {self._stopped_reason()}")
@@ -244,6 +268,7 @@ def _engine_main(inbox: Connection, outbox: Connection) -> None:
         max_model_len=core.max_model_len,
         vocab_size=core.input_processor.vocab_size,
         kv_capacity_tokens=core.input_processor.kv_capacity_tokens,
+        stop_token_ids=frozenset(core.input_processor.stop_token_ids),
         tokenizer_path=str(config.model.tokenizer or core.checkpoint_path),
         stats=core.stats(),
     )
