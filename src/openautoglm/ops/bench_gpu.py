@@ -24,7 +24,6 @@ import gc
 import json
 import logging
 import platform
-import random
 import signal
 import socket
 import subprocess
@@ -41,6 +40,7 @@ import torch
 from openautoglm.config.settings import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from openautoglm.engine.llm import LLM
 from openautoglm.engine.runner import ModelRunner
+from openautoglm.ops.bench_offline import synthetic_prompts
 from openautoglm.protocol.errors import ConfigError
 from openautoglm.protocol.request import GenerationRequest
 from openautoglm.protocol.sampling import SamplingParams
@@ -183,13 +183,13 @@ def measure_single_stream(ctx: SuiteContext) -> dict[str, Any]:
     o = ctx.options
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.core.runner.model.parameters())  # type: ignore[attr-defined]
     bandwidth = ctx.results.get("copy_bandwidth", {}).get("gb_per_s")
-    prompt = _prompts(1, (o.decode_prompt_len, o.decode_prompt_len), llm.core.arch.vocab_size, o.seed + 1)[0]
+    prompt = synthetic_prompts(1, (o.decode_prompt_len, o.decode_prompt_len), llm.core.arch.vocab_size, o.seed + 1)[0]
     runner = llm.core.runner
     out: dict[str, Any] = {"weight_gb": weight_bytes / GB, "prompt_len": len(prompt), "new_tokens": o.decode_new_tokens}
     for mode in ("graphs", "eager"):
         runner.use_graphs = mode == "graphs"
-        _stream_one(llm, prompt, 8, "warm")
-        runs = [_stream_one(llm, prompt, o.decode_new_tokens, f"{mode}-{i}") for i in range(2)]
+        stream_one(llm, prompt, 8, "warm")
+        runs = [stream_one(llm, prompt, o.decode_new_tokens, f"{mode}-{i}") for i in range(2)]
         best = max(runs, key=lambda r: r["decode_tokens_per_s"])
         out[mode] = best
     runner.use_graphs = True
@@ -214,7 +214,7 @@ def graph_replay_ms(runner: ModelRunner, sizes: tuple[int, ...]) -> dict[str, fl
     return out
 
 
-def _stream_one(llm: LLM, prompt: list[int], new_tokens: int, tag: str) -> dict[str, float]:
+def stream_one(llm: LLM, prompt: list[int], new_tokens: int, tag: str) -> dict[str, float]:
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     request = GenerationRequest(f"single-{tag}-{time.monotonic_ns()}", prompt_token_ids=prompt, sampling=params)
     start = time.perf_counter()
@@ -234,15 +234,9 @@ def _stream_one(llm: LLM, prompt: list[int], new_tokens: int, tag: str) -> dict[
     }
 
 
-def _prompts(num: int, lens: tuple[int, int], vocab: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    high = max(2, vocab - 64)  # clear of the special tokens at the top of GLM vocabularies
-    return [[rng.randrange(1, high) for _ in range(rng.randint(*lens))] for _ in range(num)]
-
-
 def _offline_prompts(ctx: SuiteContext, vocab: int) -> list[list[int]]:
     o = ctx.options
-    return _prompts(o.offline_requests, o.offline_input_len, vocab, o.seed)
+    return synthetic_prompts(o.offline_requests, o.offline_input_len, vocab, o.seed)
 
 
 def measure_offline(ctx: SuiteContext) -> dict[str, Any]:

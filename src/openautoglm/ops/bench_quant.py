@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import platform
-import random
 import subprocess
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from openautoglm.engine.loader import load_model
 from openautoglm.engine.models.base import ModelArchConfig
 from openautoglm.engine.quantization.fp8 import dequantize_fp8, fp8_linear, per_token_fp8_quant_torch, quantize_fp8
 from openautoglm.engine.quantization.int8 import quantize_int8
+from openautoglm.ops.bench_offline import synthetic_prompts
 
 GLM9B_LINEARS = {
     "qkv_proj": (4608, 4096),
@@ -416,35 +416,6 @@ def run_suite(
 # --- through the engine: the gpu-suite measurement -----------------------------------------------------------
 
 
-def _random_prompts(num: int, lens: tuple[int, int], vocab: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    high = max(2, vocab - 64)  # clear of the special tokens at the top of GLM vocabularies
-    return [[rng.randrange(1, high) for _ in range(rng.randint(*lens))] for _ in range(num)]
-
-
-def _single_stream(llm: Any, prompt: list[int], new_tokens: int, tag: str) -> dict[str, float]:
-    """One greedy request streamed alone: time to first token and decode tokens/s after it."""
-    from openautoglm.protocol.request import GenerationRequest
-    from openautoglm.protocol.sampling import SamplingParams
-
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    request = GenerationRequest(f"quant-single-{tag}-{time.monotonic_ns()}", prompt_token_ids=prompt, sampling=params)
-    start = time.perf_counter()
-    stamps: list[float] = []
-    count = 0
-    for chunk in llm.stream(request):
-        for seq in chunk.outputs:
-            if seq.token_ids_delta:
-                count += len(seq.token_ids_delta)
-                stamps.append(time.perf_counter())
-    decode_s = stamps[-1] - stamps[0]
-    return {
-        "ttft_ms": (stamps[0] - start) * 1e3,
-        "tokens": count,
-        "decode_tokens_per_s": (count - 1) / decode_s if decode_s > 0 else 0.0,
-    }
-
-
 def _offline(llm: Any, prompts: list[list[int]], output_len: int, tag: str) -> dict[str, Any]:
     from openautoglm.protocol.request import GenerationRequest
     from openautoglm.protocol.sampling import SamplingParams
@@ -481,11 +452,13 @@ def _engine_figures(ctx: Any, quantization: str, ref_logits: torch.Tensor | None
     llm = LLM(ctx.engine_config(quantization=quantization))
     res: dict[str, Any] = {"load_s": time.perf_counter() - start}
     arch, device = llm.core.arch, llm.core.device
-    prompt = _random_prompts(1, (o.decode_prompt_len, o.decode_prompt_len), arch.vocab_size, o.seed + 1)[0]
-    _single_stream(llm, prompt, 8, "warm")
-    runs = [_single_stream(llm, prompt, o.decode_new_tokens, f"{quantization}-{i}") for i in range(2)]
+    from openautoglm.ops.bench_gpu import stream_one  # bench_gpu imports this module at its end
+
+    prompt = synthetic_prompts(1, (o.decode_prompt_len, o.decode_prompt_len), arch.vocab_size, o.seed + 1)[0]
+    stream_one(llm, prompt, 8, "warm")
+    runs = [stream_one(llm, prompt, o.decode_new_tokens, f"{quantization}-{i}") for i in range(2)]
     res["single_stream"] = max(runs, key=lambda r: r["decode_tokens_per_s"])
-    prompts = _random_prompts(o.offline_requests, o.offline_input_len, arch.vocab_size, o.seed)
+    prompts = synthetic_prompts(o.offline_requests, o.offline_input_len, arch.vocab_size, o.seed)
     res["offline"] = _offline(llm, prompts, o.offline_output_len, quantization)
     logits = prompt_logits(llm.core.runner.model, arch, device)
     if ref_logits is not None:
