@@ -62,7 +62,7 @@ def known_bad_combinations(
             problems.append((f"PyTorch is built for CUDA {built}, which needs NVIDIA driver >= "
                              f"{need[0]}.{need[1]}; this driver is {smi['driver']}",
                              "upgrade the driver, or install a PyTorch built for an older CUDA "
-                             "(pip install torch --index-url https://download.pytorch.org/whl/cuXXX)"))  # fmt: skip
+                             "(a wheel from the PyTorch index of your CUDA version)"))  # fmt: skip
         elif smi.get("cuda") and _version(built)[:2] > _version(smi["cuda"])[:2] and not available:
             problems.append(
                 (
