@@ -213,24 +213,29 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         if self._overlap:
             return self._step_overlapped()
+        out = _StepOutputs()
+        launched = self._launch(out)
+        if launched is not None and launched[0]:
+            for req, token, lp in self._sample(launched[1], launched[0], out):
+                self._append_token(req, token, lp, out)
+        return self._collect(out)
+
+    def _launch(self, out: _StepOutputs) -> tuple[list[Request], torch.Tensor] | None:
+        """Schedule and run the model: the requests that sample now and their logits, or None when nothing ran.
+        What the scheduler finished is reported; a model fault fails this step's requests, never the engine."""
         sched = self.scheduler.schedule()
         self._num_steps += 1
-        out = _StepOutputs()
         for seq in sched.finished_by_scheduler:
             self._finish(seq, seq.finish_reason or FinishReason.LENGTH, None, "", out, notify_scheduler=False)
         if not sched.scheduled:
-            return self._collect(out)
+            return None
         try:
-            reqs, logits = self.runner.execute(sched.scheduled)
-        except Exception as exc:
+            return self.runner.execute(sched.scheduled)
+        except Exception as exc:  # one step's requests fail; the loop goes on
             logger.exception("Open-AutoGLM engine: model step failed; failing its %d requests", len(sched.scheduled))
             for s in sched.scheduled:
                 self._fail(s.request, exc, out)
-            return self._collect(out)
-        if reqs:
-            for req, token, lp in self._sample(logits, reqs, out):
-                self._append_token(req, token, lp, out)
-        return self._collect(out)
+            return None
 
     def _sample(
         self, logits: torch.Tensor, reqs: list[Request], out: _StepOutputs
@@ -255,21 +260,8 @@ class EngineCore:
         detokenize and report the previous step's tokens, then sample. A request that a stop string ends at
         the previous token has already been scheduled once more; the token computed for it is dropped (its
         blocks are freed only after this step's GPU work, which the sampling waits for)."""
-        sched = self.scheduler.schedule()
-        self._num_steps += 1
         out = _StepOutputs()
-        for seq in sched.finished_by_scheduler:
-            self._finish(seq, seq.finish_reason or FinishReason.LENGTH, None, "", out, notify_scheduler=False)
-        launched: tuple[list[Request], torch.Tensor] | None = None
-        if sched.scheduled:
-            try:
-                launched = self.runner.execute(sched.scheduled)
-            except Exception as exc:
-                logger.exception(
-                    "Open-AutoGLM engine: model step failed; failing its %d requests", len(sched.scheduled)
-                )
-                for s in sched.scheduled:
-                    self._fail(s.request, exc, out)
+        launched = self._launch(out)
         self._emit_pending(out)
         if launched is not None and launched[0]:
             for req, token, lp in self._sample(launched[1], launched[0], out):
