@@ -122,11 +122,12 @@ def test_stop_strings_and_ids_and_lengths(tiny_glm4: Path, make_engine_config) -
     assert by_id.sequences[0].token_ids == seq.token_ids[: first + 1]
     assert by_id.sequences[0].stop_reason == stop_id
     text = seq.text
-    stop_str = text[len(text) // 2 : len(text) // 2 + 3]
-    if stop_str.strip():
-        by_str = llm.generate(["stop test"], SamplingParams(max_tokens=24, temperature=0, stop=[stop_str]))[0]
-        assert by_str.sequences[0].text == text[: text.index(stop_str)]
-        assert by_str.sequences[0].stop_reason == stop_str
+    # A stop string from the second half of the text, free of whitespace and U+FFFD, so it is unambiguous.
+    windows = (text[i : i + 3] for i in range(len(text) // 2, len(text) - 3))
+    stop_str = next(w for w in windows if w.strip() == w and "\ufffd" not in w and len(w.split()) == 1)
+    by_str = llm.generate(["stop test"], SamplingParams(max_tokens=24, temperature=0, stop=[stop_str]))[0]
+    assert by_str.sequences[0].text == text[: text.index(stop_str)]
+    assert by_str.sequences[0].stop_reason == stop_str
 
 
 def test_logprobs_are_the_models_log_softmax(tiny_glm4: Path, make_engine_config) -> None:
