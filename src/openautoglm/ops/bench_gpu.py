@@ -40,7 +40,7 @@ import torch
 from openautoglm.config.settings import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from openautoglm.engine.llm import LLM
 from openautoglm.engine.runner import ModelRunner
-from openautoglm.ops.bench_offline import synthetic_prompts
+from openautoglm.ops.bench_offline import synthetic_prompts, timed_engine_run, timed_generate_batch
 from openautoglm.protocol.errors import ConfigError
 from openautoglm.protocol.request import GenerationRequest
 from openautoglm.protocol.sampling import SamplingParams
@@ -241,16 +241,13 @@ def _offline_prompts(ctx: SuiteContext, vocab: int) -> list[list[int]]:
 
 def measure_offline(ctx: SuiteContext) -> dict[str, Any]:
     llm = ctx.llm()
-    o = ctx.options
-    prompts = _offline_prompts(ctx, llm.core.arch.vocab_size)
-    params = SamplingParams(max_tokens=o.offline_output_len, temperature=0.0, ignore_eos=True)
-    llm.run([GenerationRequest("offline-warmup", prompt_token_ids=prompts[0][:64], sampling=params)])
-    requests = [GenerationRequest(f"offline-{i}", prompt_token_ids=p, sampling=params) for i, p in enumerate(prompts)]
-    llm.core.kv_cache.reset_prefix_cache()
-    start = time.perf_counter()
-    results = llm.run(requests)
-    elapsed = time.perf_counter() - start
-    return _throughput(prompts, sum(len(s.token_ids) for r in results for s in r.sequences), elapsed)
+    return offline_figures(llm, _offline_prompts(ctx, llm.core.arch.vocab_size), ctx.options.offline_output_len)
+
+
+def offline_figures(llm: LLM, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
+    """The offline workload through ``llm``: requests, tokens, seconds and throughputs."""
+    out_tokens, elapsed = timed_engine_run(llm, prompts, output_len, [prompts[0][:64]])
+    return _throughput(prompts, out_tokens, elapsed)
 
 
 def _throughput(prompts: list[list[int]], out_tokens: int, elapsed: float) -> dict[str, Any]:
@@ -326,7 +323,7 @@ def _wait_listening(port: int, server: subprocess.Popen[bytes], timeout: float) 
 
 def measure_transformers(ctx: SuiteContext) -> dict[str, Any]:
     """transformers' generate_batch (continuous batching, sdpa), random weights of the same shapes, greedy."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from openautoglm.engine.loader import resolve_checkpoint
 
@@ -341,14 +338,7 @@ def measure_transformers(ctx: SuiteContext) -> dict[str, Any]:
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.eval()
-    gen_cfg = GenerationConfig(
-        max_new_tokens=o.offline_output_len, do_sample=False, eos_token_id=None, pad_token_id=0, use_cuda_graph=False
-    )
-    model.generate_batch(inputs=[prompts[0][:64]], generation_config=gen_cfg)  # warm-up
-    start = time.perf_counter()
-    outputs = model.generate_batch(inputs=prompts, generation_config=gen_cfg)
-    elapsed = time.perf_counter() - start
-    out_tokens = sum(len(r.generated_tokens) for r in outputs.values())
+    out_tokens, elapsed = timed_generate_batch(model, prompts, o.offline_output_len, [prompts[0][:64]])
     del model
     gc.collect()
     torch.cuda.empty_cache()

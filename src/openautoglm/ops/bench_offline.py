@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -66,32 +67,31 @@ def synthetic_prompts(num: int, input_len: tuple[int, int], vocab: int, seed: in
     return [[rng.randrange(1, high) for _ in range(rng.randint(*input_len))] for _ in range(num)]
 
 
-def bench_engine(config: EngineConfig, prompts: list[list[int]], output_len: int) -> Throughput:
-    llm = LLM(config)
+def timed_engine_run(llm: LLM, prompts: list[list[int]], output_len: int, warmup: list[list[int]]) -> tuple[int, float]:
+    """Greedy, EOS ignored: warm up on ``warmup`` (one-off kernel and allocator set-up is not timed), forget its
+    prefix-cache entries, then time all ``prompts`` at once. (output tokens, seconds)."""
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    # Warm up on a small mixed batch (prefills beside decodes), as bench_transformers does, so one-off kernel and
-    # allocator set-up is not timed.
-    llm.run([GenerationRequest(f"warmup-{i}", prompt_token_ids=p, sampling=params) for i, p in enumerate(prompts[:8])])
+    llm.run([GenerationRequest(f"warmup-{i}", prompt_token_ids=p, sampling=params) for i, p in enumerate(warmup)])
     llm.core.kv_cache.reset_prefix_cache()
     requests = [GenerationRequest(f"bench-{i}", prompt_token_ids=p, sampling=params) for i, p in enumerate(prompts)]
     with settled_heap():
         start = time.perf_counter()
         results = llm.run(requests)
         elapsed = time.perf_counter() - start
-    out_tokens = sum(len(s.token_ids) for r in results for s in r.sequences)
-    return Throughput("open-autoglm", len(prompts), sum(map(len, prompts)), out_tokens, elapsed)
+    return sum(len(s.token_ids) for r in results for s in r.sequences), elapsed
 
 
-def bench_transformers(checkpoint: str, prompts: list[list[int]], output_len: int, dtype: torch.dtype) -> Throughput:
-    """transformers' continuous batching (``generate_batch``), greedy, no EOS, on the same prompts."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
+def timed_generate_batch(
+    model: Any, prompts: list[list[int]], output_len: int, warmup: list[list[int]]
+) -> tuple[int, float]:
+    """transformers' continuous batching (``generate_batch``), greedy, no EOS, timed like the engine's run."""
+    from transformers import GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa").eval()
     gen_cfg = GenerationConfig(
         max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0, use_cuda_graph=False
     )
     # No inference_mode here: generate_batch runs its own worker thread and manages grad mode itself.
-    model.generate_batch(inputs=prompts[:8], generation_config=gen_cfg)  # warm-up, as for the engine
+    model.generate_batch(inputs=warmup, generation_config=gen_cfg)
     with settled_heap():
         start = time.perf_counter()
         outputs = model.generate_batch(inputs=prompts, generation_config=gen_cfg)
@@ -99,5 +99,18 @@ def bench_transformers(checkpoint: str, prompts: list[list[int]], output_len: in
     failed = [o.error for o in outputs.values() if o.error]
     if failed or len(outputs) != len(prompts):
         raise RuntimeError(f"transformers generate_batch lost requests: {len(outputs)}/{len(prompts)}, {failed[:1]}")
-    out_tokens = sum(len(o.generated_tokens) for o in outputs.values())
+    return sum(len(o.generated_tokens) for o in outputs.values()), elapsed
+
+
+def bench_engine(config: EngineConfig, prompts: list[list[int]], output_len: int) -> Throughput:
+    out_tokens, elapsed = timed_engine_run(LLM(config), prompts, output_len, prompts[:8])
+    return Throughput("open-autoglm", len(prompts), sum(map(len, prompts)), out_tokens, elapsed)
+
+
+def bench_transformers(checkpoint: str, prompts: list[list[int]], output_len: int, dtype: torch.dtype) -> Throughput:
+    """transformers' generate_batch on the checkpoint, on the same prompts as the engine."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa").eval()
+    out_tokens, elapsed = timed_generate_batch(model, prompts, output_len, prompts[:8])
     return Throughput("transformers generate_batch", len(prompts), sum(map(len, prompts)), out_tokens, elapsed)

@@ -416,31 +416,6 @@ def run_suite(
 # --- through the engine: the gpu-suite measurement -----------------------------------------------------------
 
 
-def _offline(llm: Any, prompts: list[list[int]], output_len: int, tag: str) -> dict[str, Any]:
-    from openautoglm.protocol.request import GenerationRequest
-    from openautoglm.protocol.sampling import SamplingParams
-
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    llm.run([GenerationRequest(f"quant-warmup-{tag}", prompt_token_ids=prompts[0][:64], sampling=params)])
-    requests = [
-        GenerationRequest(f"quant-offline-{tag}-{i}", prompt_token_ids=p, sampling=params)
-        for i, p in enumerate(prompts)
-    ]
-    llm.core.kv_cache.reset_prefix_cache()
-    start = time.perf_counter()
-    done = llm.run(requests)
-    elapsed = time.perf_counter() - start
-    in_tokens = sum(map(len, prompts))
-    out_tokens = sum(len(s.token_ids) for r in done for s in r.sequences)
-    return {
-        "requests": len(prompts),
-        "input_tokens": in_tokens,
-        "output_tokens": out_tokens,
-        "elapsed_s": elapsed,
-        "total_tokens_per_s": (in_tokens + out_tokens) / elapsed,
-    }
-
-
 def _engine_figures(ctx: Any, quantization: str, ref_logits: torch.Tensor | None) -> dict[str, Any]:
     """One engine (bf16 weights quantized as asked): single-stream decode, offline throughput, prompt logits."""
     import gc
@@ -459,7 +434,9 @@ def _engine_figures(ctx: Any, quantization: str, ref_logits: torch.Tensor | None
     runs = [stream_one(llm, prompt, o.decode_new_tokens, f"{quantization}-{i}") for i in range(2)]
     res["single_stream"] = max(runs, key=lambda r: r["decode_tokens_per_s"])
     prompts = synthetic_prompts(o.offline_requests, o.offline_input_len, arch.vocab_size, o.seed)
-    res["offline"] = _offline(llm, prompts, o.offline_output_len, quantization)
+    from openautoglm.ops.bench_gpu import offline_figures  # bench_gpu imports this module at its end
+
+    res["offline"] = offline_figures(llm, prompts, o.offline_output_len)
     logits = prompt_logits(llm.core.runner.model, arch, device)
     if ref_logits is not None:
         res["logits_vs_bf16"] = compare_logits(ref_logits, logits)
