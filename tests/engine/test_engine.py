@@ -158,10 +158,11 @@ async def _consume(engine: AsyncEngine, req: GenerationRequest, abort_after: int
     return done
 
 
-async def test_abort_storm_returns_every_block(tiny_glm4: Path, make_engine_config) -> None:
-    engine = AsyncEngine.from_config(
-        make_engine_config(tiny_glm4, cache={"num_blocks": 64, "block_size": 4}, scheduler={"max_num_seqs": 8})
-    )
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+async def test_abort_storm_returns_every_block(tiny_glm4: Path, make_engine_config, async_scheduling: bool) -> None:
+    """Async scheduling (greedy, so its steps defer their tokens) aborts requests whose tokens are on the device."""
+    config = make_engine_config(tiny_glm4, cache={"num_blocks": 64, "block_size": 4}, scheduler={"max_num_seqs": 8})
+    engine = AsyncEngine.from_config(config.model_copy(update={"async_scheduling": async_scheduling}))
     try:
         initial = engine.stats().num_free_blocks
         rng = random.Random(3)
@@ -169,7 +170,8 @@ async def test_abort_storm_returns_every_block(tiny_glm4: Path, make_engine_conf
         tasks = []
         for i, p in enumerate(prompts):
             n = rng.choice([1, 1, 2])
-            params = SamplingParams(n=n, max_tokens=rng.randint(4, 30), temperature=1.0, ignore_eos=True)
+            temperature = 0.0 if async_scheduling else 1.0
+            params = SamplingParams(n=n, max_tokens=rng.randint(4, 30), temperature=temperature, ignore_eos=True)
             req = GenerationRequest(f"storm-{i}", prompt_token_ids=p, sampling=params)
             tasks.append(asyncio.create_task(_consume(engine, req, rng.choice([None, 0, 1, 3, 8]))))
         # Cancel some outright while they wait or run.
@@ -188,6 +190,7 @@ async def test_abort_storm_returns_every_block(tiny_glm4: Path, make_engine_conf
         assert (stats.num_running, stats.num_waiting) == (0, 0)
         assert stats.num_free_blocks == initial
         assert engine.core.kv_cache.usage == 0.0
+        assert (engine.core.num_deferred_steps > 0) == async_scheduling
     finally:
         await engine.shutdown()
 

@@ -86,6 +86,18 @@ def test_tp2_matches_tp1_and_transformers(tiny_glm4: Path, make_engine_config, e
         assert out[0, len(prompt) :].tolist() == tokens
 
 
+def test_tp2_async_scheduling_matches_tp1(tiny_glm4: Path, make_engine_config, engines: list[LLM]) -> None:
+    """Rank 0 fills placeholder ids from its device tokens before broadcasting the step's inputs."""
+    config = make_engine_config(tiny_glm4, **SECTIONS)
+    one, two = LLM(config), LLM(_tp(config, 2, async_scheduling=True))
+    engines.append(two)
+    prompts = _prompts(one.core.arch.vocab_size, 12, seed=4)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    want = [r.sequences[0].token_ids for r in one.generate(prompts, params)]
+    assert [r.sequences[0].token_ids for r in two.generate(prompts, params)] == want
+    assert two.core.num_deferred_steps > 0
+
+
 def test_tp2_replicated_kv_head_tied_odd_vocabulary(
     tmp_path: Path, demo_dir: Path, checkpoint_factory, make_engine_config, engines: list[LLM]
 ) -> None:

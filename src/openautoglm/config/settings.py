@@ -73,6 +73,11 @@ class EngineConfig(_Strict):
     cuda_graph_max_batch: int = Field(
         256, ge=1, description="Largest decode batch captured as a CUDA graph (capped at scheduler.max_num_seqs)"
     )
+    async_scheduling: bool | None = Field(
+        None,
+        description="Launch each decode step before the previous step's tokens are read back (greedy steps; "
+        "the tokens stay on the device). Default: on for CUDA devices. On the CPU it serves tests",
+    )
     tensor_parallel_size: int = Field(
         1,
         ge=1,

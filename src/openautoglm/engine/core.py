@@ -18,7 +18,7 @@ from openautoglm.engine.kv_cache import KVCacheManager
 from openautoglm.engine.loader import load_model
 from openautoglm.engine.memory import step_reserve_bytes
 from openautoglm.engine.parallel.workers import TensorParallelError, WorkerGroup
-from openautoglm.engine.request import Request
+from openautoglm.engine.request import PLACEHOLDER, Request
 from openautoglm.engine.runner import ModelRunner, kv_cache_budget_bytes, kv_cache_bytes_per_block
 from openautoglm.engine.sampling import SampledLogprobs, Sampler
 from openautoglm.engine.scheduler import Scheduler
@@ -70,6 +70,20 @@ class _SeqState:
 
 
 @dataclass(slots=True)
+class _Sampled:
+    """A step's sampled tokens, reported during the next step's GPU work. Either known on the host
+    (``tokens``), or, under async scheduling, still on the device (``device``, being copied to ``host``
+    behind the ``copied`` event) with a placeholder at the end of each request's outputs (``rows``)."""
+
+    requests: list[Request]
+    tokens: list[int] | None = None
+    logprobs: list[SampledLogprobs | None] | None = None
+    device: torch.Tensor | None = None
+    host: torch.Tensor | None = None
+    copied: torch.cuda.Event | None = None
+
+
+@dataclass(slots=True)
 class _StepOutputs:
     by_group: dict[str, list[CompletionOutput]] = field(default_factory=dict)
 
@@ -98,12 +112,17 @@ class EngineCore:
             num_blocks = self.workers.agree_num_blocks(num_blocks)
         self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.max_model_len)
+        # Async scheduling: step N+1 is launched before step N's tokens are read (greedy steps; see _defer).
+        # Benchmarks switch it off between requests to time the synchronous loop on the same engine.
+        async_default = self.device.type == "cuda"
+        self.async_scheduling = async_default if config.async_scheduling is None else config.async_scheduling
         backend = select_backend(config, self.device, self.dtype)
         self.runner = ModelRunner(
             loaded.model, self.arch, backend, num_blocks, block_size, self.device, self.dtype,
             max_num_seqs=config.scheduler.max_num_seqs,
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             max_model_len=self.max_model_len, workers=self.workers,
+            persistent_inputs=True if self.async_scheduling else None,
         )  # fmt: skip
         if self.device.type == "cuda" and backend.name == "triton" and not config.enforce_eager:
             self.runner.capture_graphs(min(config.cuda_graph_max_batch, config.scheduler.max_num_seqs))
@@ -120,8 +139,14 @@ class EngineCore:
         self._groups: dict[str, _Group] = {}
         self._seqs: dict[str, _SeqState] = {}
         # On a GPU a step's sampled tokens are detokenized and reported during the next step's GPU work.
-        self._overlap = self.device.type == "cuda"
-        self._pending: list[tuple[Request, int, SampledLogprobs | None]] = []
+        self._overlap = self.device.type == "cuda" or self.async_scheduling
+        self._sampled: _Sampled | None = None
+        self.num_deferred_steps = 0  # steps whose tokens were read back during the next step (async scheduling)
+        # Pinned host buffers the deferred tokens are copied into, used in turn (one step's may still be read).
+        pinned = self.device.type == "cuda"
+        self._token_hosts = [
+            torch.empty(config.scheduler.max_num_seqs, dtype=torch.long, pin_memory=pinned) for _ in range(2)
+        ]
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._num_steps = 0
@@ -213,7 +238,7 @@ class EngineCore:
 
     def abort(self, request_ids: Iterable[str]) -> list[RequestOutput]:
         sampled = _StepOutputs()
-        self._emit_pending(sampled)  # what was sampled before the abort is reported first, in its own chunk
+        self._report_sampled(sampled)  # what was sampled before the abort is reported first, in its own chunk
         earlier = self._collect(sampled)
         out = _StepOutputs()
         seq_ids = [s.request_id for rid in request_ids if (g := self._groups.get(rid)) for s in g.seqs]
@@ -240,9 +265,12 @@ class EngineCore:
                 self._append_token(req, token, lp, out)
         return self._collect(out)
 
-    def _launch(self, out: _StepOutputs) -> tuple[list[Request], torch.Tensor] | None:
+    def _launch(
+        self, out: _StepOutputs, pending: torch.Tensor | None = None
+    ) -> tuple[list[Request], torch.Tensor] | None:
         """Schedule and run the model: the requests that sample now and their logits, or None when nothing ran.
-        What the scheduler finished is reported; a model fault fails this step's requests, never the engine."""
+        What the scheduler finished is reported; a model fault fails this step's requests, never the engine.
+        ``pending``: the previous step's tokens still on the device (async scheduling)."""
         sched = self.scheduler.schedule()
         self._num_steps += 1
         for seq in sched.finished_by_scheduler:
@@ -250,7 +278,7 @@ class EngineCore:
         if not sched.scheduled:
             return None
         try:
-            return self.runner.execute(sched.scheduled)
+            return self.runner.execute(sched.scheduled, pending)
         except TensorParallelError:
             raise  # a lost rank fails every later step too: the engine stops
         except Exception as exc:  # one step's requests fail; the loop goes on
@@ -279,19 +307,88 @@ class EngineCore:
 
     def _step_overlapped(self) -> list[RequestOutput]:
         """The step with its CPU tail overlapped: schedule, launch the model, then (while the GPU computes)
-        detokenize and report the previous step's tokens, then sample. A request that a stop string ends at
+        detokenize and report the previous step's tokens, then sample. A request that a stop condition ends at
         the previous token has already been scheduled once more; the token computed for it is dropped (its
-        blocks are freed only after this step's GPU work, which the sampling waits for)."""
+        blocks are freed while this step may still write them; the next owner's writes are queued behind).
+
+        Async scheduling: a step whose rows all sample on the device (``Sampler.sample_on_device``) is not read
+        back here: its requests get a placeholder token, the next step is launched with the placeholders'
+        ids taken from the device, and the tokens are read (long copied by then) during that next step."""
         out = _StepOutputs()
-        launched = self._launch(out)
-        self._emit_pending(out)
-        if launched is not None and launched[0]:
-            for req, token, lp in self._sample(launched[1], launched[0], out):
-                if req.request_id in self._seqs and not req.is_finished:
-                    self._accept(req, token)
-                    self._pending.append((req, token, lp))
-                    self._finish_early(req, token)
+        previous, self._sampled = self._sampled, None
+        launched = self._launch(out, previous.device if previous is not None else None)
+        reqs, logits = launched if launched is not None else ([], None)
+        tokens = self._sample_on_device(logits, reqs) if self.async_scheduling and reqs else None
+        self._report(previous, out)
+        if tokens is not None:
+            self._sampled = self._defer(reqs, tokens)
+        elif logits is not None and reqs:
+            kept = [
+                (req, token, lp)
+                for req, token, lp in self._sample(logits, reqs, out)
+                if req.request_id in self._seqs and not req.is_finished
+            ]
+            for req, token, _ in kept:
+                self._accept(req, token)
+                self._finish_early(req, token)
+            self._sampled = _Sampled([r for r, _, _ in kept], [t for _, t, _ in kept], [lp for _, _, lp in kept])
         return self._collect(out)
+
+    def _sample_on_device(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor | None:
+        try:
+            return self.sampler.sample_on_device(logits, reqs)
+        except Exception:  # noqa: BLE001 — the host sampler runs the step and isolates the faulty request
+            logger.warning("Open-AutoGLM engine: device sampling failed; sampling this step on the host")
+            return None
+
+    def _defer(self, reqs: list[Request], tokens: torch.Tensor) -> _Sampled:
+        """Start copying the step's tokens to the host and give each live request a placeholder for its token.
+        Lengths end a request now (no token value needed); EOS and stop ids when the token is read."""
+        self.num_deferred_steps += 1
+        host = self._token_hosts[0][: len(reqs)]
+        self._token_hosts.reverse()
+        host.copy_(tokens, non_blocking=True)
+        copied = None
+        if tokens.is_cuda:
+            copied = torch.cuda.Event()
+            copied.record()
+        live = []
+        for row, req in enumerate(reqs):
+            if req.request_id in self._seqs and not req.is_finished:
+                req.output_token_ids.append(PLACEHOLDER)
+                req.pending_row = row
+                self._generation_tokens += 1
+                live.append(req)
+                self._finish_early(req, PLACEHOLDER)
+        return _Sampled(live, device=tokens, host=host, copied=copied)
+
+    def _report(self, sampled: _Sampled | None, out: _StepOutputs) -> None:
+        """Report a step's sampled tokens; deferred ones are read first and replace their placeholders."""
+        if sampled is None:
+            return
+        if sampled.tokens is None:
+            assert sampled.host is not None
+            if sampled.copied is not None:
+                sampled.copied.synchronize()  # copied during the step launched since: no wait in practice
+            values = sampled.host.tolist()
+            tokens = []
+            now = time.monotonic()
+            for req in sampled.requests:
+                token = values[req.pending_row]
+                req.output_token_ids[-1] = token
+                req.pending_row = -1
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                tokens.append(token)
+            sampled.tokens = tokens
+        lps = sampled.logprobs or [None] * len(sampled.requests)
+        for req, token, lp in zip(sampled.requests, sampled.tokens, lps, strict=True):
+            if req.request_id in self._seqs:  # else aborted or failed meanwhile
+                self._emit(req, token, lp, out)
+
+    def _report_sampled(self, out: _StepOutputs) -> None:
+        sampled, self._sampled = self._sampled, None
+        self._report(sampled, out)
 
     def _finish_early(self, req: Request, token: int) -> None:
         """Stop conditions that need no text (stop ids, EOS, lengths) end the request in the scheduler now, so
@@ -299,12 +396,6 @@ class EngineCore:
         reason, stop = self._stop_check(req, self._seqs[req.request_id], token, None)
         if reason is not None:
             self.scheduler.finish_request(req, reason, stop)
-
-    def _emit_pending(self, out: _StepOutputs) -> None:
-        pending, self._pending = self._pending, []
-        for req, token, lp in pending:
-            if req.request_id in self._seqs:  # else aborted or failed meanwhile
-                self._emit(req, token, lp, out)
 
     def _accept(self, req: Request, token: int) -> None:
         req.output_token_ids.append(token)

@@ -137,7 +137,7 @@ class KVCacheManager:
         """Extend ``request.block_hashes`` over every block the token list has filled since the last call."""
         hashes = request.block_hashes
         bs = self._block_size
-        n_full = request.num_tokens // bs
+        n_full = request.num_known_tokens // bs  # a pending placeholder's block is hashed once it is read
         while len(hashes) < n_full:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
@@ -212,6 +212,7 @@ class KVCacheManager:
             return
         self._update_hashes(request)
         hashes = request.block_hashes
+        n_full = min(n_full, len(hashes))  # a block ending on a pending placeholder joins at the next call
         for i in range(done, n_full):
             block_id = table[i]
             h = hashes[i]

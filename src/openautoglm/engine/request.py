@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 # row to sample from (it may modify it in place). Structured outputs plug in here.
 LogitsProcessor = Callable[[list[int], "torch.Tensor"], "torch.Tensor"]
 
+# The id a sampled-but-not-yet-read token holds in ``output_token_ids`` under async scheduling.
+PLACEHOLDER = -1
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -54,6 +57,14 @@ class Request:
     # Block hashes of this sequence's full blocks, filled by the KV cache manager as blocks fill (hash chain).
     block_hashes: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # detokenizer state and the like, owned by the core
+    # Async scheduling: the last output token is a placeholder (PLACEHOLDER) whose value is still on the GPU, in
+    # row ``pending_row`` of the last launched step's sampled tokens; -1 when every token is known.
+    pending_row: int = -1
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host knows (all but a pending placeholder)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) - (self.pending_row >= 0)
 
     @property
     def num_prompt_tokens(self) -> int:

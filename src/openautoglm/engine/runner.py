@@ -115,12 +115,20 @@ class ModelRunner:
         return sorted(self._graphs)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledRequest]) -> tuple[list[Request], torch.Tensor]:
-        """Run one step; return the requests that sample now and their logits rows [len, vocab] (float32)."""
+    def execute(
+        self, scheduled: list[ScheduledRequest], pending_tokens: torch.Tensor | None = None
+    ) -> tuple[list[Request], torch.Tensor]:
+        """Run one step; return the requests that sample now and their logits rows [len, vocab] (float32).
+
+        ``pending_tokens``: the previous step's sampled tokens, still on the device (async scheduling). A request
+        whose last token is a placeholder (``Request.pending_row``) takes its input id from that row, copied on
+        the device before the forward pass; the host never waits for it."""
         if self._inputs is not None:
             if self.workers is not None:
-                return self.workers.guard(self._execute_device, scheduled, self._inputs)
-            return self._execute_device(scheduled, self._inputs)
+                return self.workers.guard(self._execute_device, scheduled, self._inputs, pending_tokens)
+            return self._execute_device(scheduled, self._inputs, pending_tokens)
+        if any(s.request.pending_row >= 0 for s in scheduled):
+            raise InternalError("runner: placeholder tokens need persistent inputs (async scheduling)")
         input_ids: list[int] = []
         query_lens: list[int] = []
         context_lens: list[int] = []
@@ -157,9 +165,13 @@ class ModelRunner:
     # ---- the GPU path (and every rank of a tensor-parallel group) ------------------------------------------
 
     def _execute_device(
-        self, scheduled: list[ScheduledRequest], inputs: _DeviceInputs
+        self, scheduled: list[ScheduledRequest], inputs: _DeviceInputs, pending_tokens: torch.Tensor | None
     ) -> tuple[list[Request], torch.Tensor]:
         step, samplers = inputs.fill(scheduled, self.block_size, self._graph_size(scheduled))
+        if step.num_pending:
+            if pending_tokens is None:
+                raise InternalError("runner: a step holds placeholder tokens but no pending tokens were given")
+            inputs.take_pending(pending_tokens, step.num_pending)
         if self.workers is not None:
             self.workers.send(("step", step))
             inputs.share(self.tp, step.nbytes)
@@ -308,6 +320,7 @@ class _Step(NamedTuple):
     query_lens: list[int]
     seq_lens: list[int]
     num_samples: int
+    num_pending: int  # input ids that come from the previous step's sampled tokens, on the device
     rows_are_prefix: bool  # the sampling rows are 0..len-1 (every decode samples): no gather needed
     graph_bs: int  # the captured graph this step replays, or 0 to run eagerly
     nbytes: int  # the prefix of the input buffer this step uses
@@ -329,20 +342,23 @@ class _DeviceInputs:
     """Persistent device buffers for one step's inputs (CUDA graphs read them in place) and their staging.
 
     One byte buffer, so a step's inputs travel in one copy (and, to the other tensor-parallel ranks, in one
-    broadcast): int64 [input ids | positions | slot mapping] of max_tokens each, then [sample rows] of max_seqs;
-    then int32 [query_start_loc] of max_seqs + 1, [seq_lens] of max_seqs, then block tables [max_seqs, width].
+    broadcast): int64 [input ids | positions | slot mapping] of max_tokens each, then [sample rows | pending
+    destinations | pending sources] of max_seqs each (async scheduling: input ids that are copied from the
+    previous step's sampled tokens on the device); then int32 [query_start_loc] of max_seqs + 1, [seq_lens] of
+    max_seqs, then block tables [max_seqs, width].
     """
 
     def __init__(self, max_tokens: int, max_seqs: int, width: int, device: torch.device) -> None:
         self.max_tokens, self.max_seqs, self.width = max_tokens, max_seqs, width
         t, s = max_tokens, max_seqs
-        n64, self._o32_tables = 3 * t + s, 2 * s + 1
+        n64, self._o32_tables = 3 * t + 3 * s, 2 * s + 1
         self._b32 = 8 * n64  # where the int32 part starts
         nbytes = self._b32 + 4 * (self._o32_tables + s * width)
         self.dev = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         dev64, dev32 = self.dev[: self._b32].view(torch.int64), self.dev[self._b32 :].view(torch.int32)
         self.ids, self.positions, self.slots = dev64[:t], dev64[t : 2 * t], dev64[2 * t : 3 * t]
-        self.sample_rows = dev64[3 * t :]
+        self.sample_rows = dev64[3 * t : 3 * t + s]
+        self.pending_dst, self.pending_src = dev64[3 * t + s : 3 * t + 2 * s], dev64[3 * t + 2 * s : 3 * t + 3 * s]
         self.query_start_loc = dev32[: s + 1]
         self.seq_lens = dev32[s + 1 : 2 * s + 1]
         self.block_tables = dev32[self._o32_tables :].view(s, width)
@@ -367,7 +383,9 @@ class _DeviceInputs:
         st = self._next_staging()
         t_max, s_max, w = self.max_tokens, self.max_seqs, self.width
         ids, pos, slots = st.np64[:t_max], st.np64[t_max : 2 * t_max], st.np64[2 * t_max : 3 * t_max]
-        rows_out = st.np64[3 * t_max :]
+        rows_out = st.np64[3 * t_max : 3 * t_max + s_max]
+        pend_dst, pend_src = st.np64[3 * t_max + s_max : 3 * t_max + 2 * s_max], st.np64[3 * t_max + 2 * s_max :]
+        num_pending = 0
         qsl, seq_lens = st.np32[: s_max + 1], st.np32[s_max + 1 : 2 * s_max + 1]
         tables = st.np32[self._o32_tables :].reshape(s_max, w)
         query_lens: list[int] = []
@@ -395,6 +413,9 @@ class _DeviceInputs:
                 p = np.arange(start, start + q)
                 pos[t : t + q] = p
                 slots[t : t + q] = tables[i, p // block_size].astype(np.int64) * block_size + p % block_size
+            if req.pending_row >= 0 and start + q == req.num_tokens:  # its last input id is still on the device
+                pend_dst[num_pending], pend_src[num_pending] = t + q - 1, req.pending_row
+                num_pending += 1
             query_lens.append(q)
             seq_len_list.append(start + q)
             seq_lens[i] = start + q
@@ -418,9 +439,13 @@ class _DeviceInputs:
             st.copied.record()
         step = _Step(
             n, t, num_decodes, max(query_lens, default=1), max(seq_len_list, default=1), query_lens, seq_len_list,
-            len(samplers), prefix, graph_bs, nbytes,
+            len(samplers), num_pending, prefix, graph_bs, nbytes,
         )  # fmt: skip
         return step, samplers
+
+    def take_pending(self, tokens: torch.Tensor, num: int) -> None:
+        """Copy the previous step's sampled tokens into this step's input ids (the rows ``fill`` recorded)."""
+        self.ids.index_copy_(0, self.pending_dst[:num], tokens.index_select(0, self.pending_src[:num]))
 
     def share(self, tp: TensorParallel, nbytes: int) -> None:
         """Rank 0's inputs into every rank's buffer (the first ``nbytes``, what the step uses)."""

@@ -131,6 +131,16 @@ class Sampler:
         token_ids: list[int] = tokens.tolist()
         return SamplerOutput(token_ids, self._logprobs(logits, requests, plan.logprobs, tokens))
 
+    def sample_on_device(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor | None:
+        """Async scheduling: the sampled tokens as a tensor on the logits' device, queued without waiting for
+        the device, when no row needs the host (greedy rows with no processors, min_tokens, penalties or
+        logprobs); None otherwise (``sample`` then does the whole step)."""
+        self._check(logits, requests)
+        plan = _plan(requests)
+        if not requests or plan.random or plan.logprobs or plan.modified():
+            return None
+        return logits.argmax(-1)
+
     def distribution(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         """The [B, V] probabilities each row would be sampled from now (one-hot for greedy rows). Runs the
         requests' logits processors like ``sample`` does; draws nothing."""

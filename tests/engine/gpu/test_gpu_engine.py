@@ -87,6 +87,26 @@ def test_graph_decode_with_padding_and_preemption_equals_eager(wide_glm4: Path) 
     assert graphs.core.kv_cache.num_free_blocks == graphs.core.kv_cache.num_usable_blocks
 
 
+def test_async_scheduling_equals_synchronous_steps(wide_glm4: Path) -> None:
+    """Steps launched before the previous step's tokens are read (placeholders filled on the device) decode
+    exactly what the synchronous loop does, through preemption, stop ids and batches mixing host sampling."""
+    sections = {"cache": {"num_blocks": 48, "block_size": 16}, "scheduler": {"max_num_batched_tokens": 64}}
+    config = gpu_config(wide_glm4, **sections)
+    on, off = LLM(config), LLM(config.model_copy(update={"async_scheduling": False}))
+    assert on.core.async_scheduling and not off.core.async_scheduling
+    prompts = _prompts(on.core.arch.vocab_size, 30, seed=8, max_len=200)
+    params = [
+        SamplingParams(max_tokens=random.Random(i).randint(1, 60), temperature=0.0, stop_token_ids=[i + 100])
+        if i % 5 else SamplingParams(max_tokens=30, temperature=0.9, top_k=40, seed=i)
+        for i in range(len(prompts))
+    ]  # fmt: skip
+    a = [r.sequences[0].token_ids for r in on.generate(prompts, params)]
+    assert a == [r.sequences[0].token_ids for r in off.generate(prompts, params)]
+    assert on.core.num_deferred_steps > 0 and off.core.num_deferred_steps == 0
+    assert on.core.stats().num_preemptions > 0
+    assert on.core.kv_cache.num_free_blocks == on.core.kv_cache.num_usable_blocks
+
+
 def test_gpu_greedy_matches_cpu_reference(tiny_glm4: Path, make_engine_config) -> None:
     """The whole fast path (Triton kernels, graphs, pinned inputs, GPU sampling, overlapped steps) in float16
     against the CPU reference path in float32 under continuous batching, prefix hits, chunked prefill and
