@@ -124,6 +124,27 @@ def check_silu(ops: Ops, shape: tuple[int, ...], dtype: torch.dtype, device: str
     _check(ops["silu_and_mul"](x), ref, *tol)
 
 
+# The one-token GEMV: (out, in, config, bias): masks on both axes, a K shorter than one block, one row per program.
+GEMV_CASES = [
+    (37, 300, {"block_n": 4, "block_k": 128}, True),
+    (64, 1000, {"block_n": 1, "block_k": 256}, False),
+    (5, 96, {"block_n": 2, "block_k": 512, "num_warps": 2}, True),
+]
+GEMV_IDS = [f"n{c[0]}-k{c[1]}-bn{c[2]['block_n']}" for c in GEMV_CASES]
+
+
+def check_gemv(
+    mod: ModuleType, case: tuple[int, int, dict[str, int], bool], dtype: torch.dtype, device: str, steps: float
+) -> None:
+    """Within ``steps`` rounding steps of the exact product rounded once (float64 here)."""
+    n, k, config, with_bias = case
+    x = _randn((1, k), 20, 1.0, dtype, device)
+    w = _randn((n, k), 21, 0.05, dtype, device)
+    b = _randn((n,), 22, 1.0, dtype, device) if with_bias else None
+    exact = x.double() @ w.double().T + (b.double() if b is not None else 0.0)
+    _check(mod.gemv(x, w, b, mod.GemvConfig(**config)), exact.to(dtype), steps, 1.0)
+
+
 def _direct_ops(mod: ModuleType) -> Ops:
     """The kernels' own entry points (no dispatch), with the layers' argument shapes."""
 
@@ -158,16 +179,26 @@ def test_interpreted_case(check: Callable[..., None], shape: tuple[int, ...], dt
     check(_direct_ops(fused_ops), shape, dtype, "cpu", INTERPRETER_TOL[dtype])
 
 
+@pytest.mark.skipif(not INTERPRETING, reason="runs in the child of test_kernels_in_interpreter")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", GEMV_CASES, ids=GEMV_IDS)
+def test_interpreted_gemv(case: tuple[int, int, dict[str, int], bool], dtype: torch.dtype) -> None:
+    from openautoglm.engine.models import fused_ops
+
+    check_gemv(fused_ops, case, dtype, "cpu", 1.0 if dtype == torch.float16 else 2.0)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 @pytest.mark.skipif(INTERPRETING, reason="already interpreting")
 def test_kernels_in_interpreter() -> None:
     """Every kernel in Triton's interpreter on CPU tensors, against the torch path."""
     env = os.environ | {"TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_interpreted_case"]
+    cases = "test_interpreted_case or test_interpreted_gemv"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", cases]
     done = subprocess.run(cmd, cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=600)
     tail = (done.stdout + done.stderr)[-4000:]
     assert done.returncode == 0, tail
-    assert f"{3 * 2 * (len(SHAPES) - 1)} passed" in tail, tail
+    assert f"{3 * 2 * (len(SHAPES) - 1) + 2 * len(GEMV_CASES)} passed" in tail, tail
 
 
 def test_cpu_path_never_dispatches_to_kernels() -> None:
@@ -206,6 +237,34 @@ def test_fused_ops_on_gpu_match_torch_path(
 
     ops = _direct_ops(fused_ops) if entry == "kernels" else _dispatched_ops()
     check(ops, shape, dtype, "cuda", GPU_TOL)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", GEMV_CASES, ids=GEMV_IDS)
+def test_gemv_on_gpu(case: tuple[int, int, dict[str, int], bool], dtype: torch.dtype) -> None:
+    from openautoglm.engine.models import fused_ops
+
+    check_gemv(fused_ops, case, dtype, "cuda", 1.0)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_linear_takes_the_gemv_for_tuned_shapes_only() -> None:
+    """One bf16 row of a tuned shape takes the GEMV (bit-equal to it, close to the exact product); two rows, float32
+    or an untuned shape take cuBLAS."""
+    from openautoglm.engine.models import fused_ops
+
+    for (n, k), config in fused_ops.GEMV_TUNED.items():
+        x = _randn((2, k), n, 1.0, torch.bfloat16, "cuda")
+        w = _randn((n, k), k, 0.02, torch.bfloat16, "cuda")
+        one = layers.linear(x[:1], w)
+        assert torch.equal(one, fused_ops.gemv(x[:1], w, None, config)), (n, k)
+        _check(one, (x[:1].double() @ w.double().T).to(torch.bfloat16), 1.0, 1.0)
+        assert torch.equal(layers.linear(x, w), torch.nn.functional.linear(x, w))
+    x, w = _randn((1, 96), 1, 1.0, torch.bfloat16, "cuda"), _randn((40, 96), 2, 1.0, torch.bfloat16, "cuda")
+    assert torch.equal(layers.linear(x, w), torch.nn.functional.linear(x, w))
 
 
 @pytest.mark.gpu
@@ -259,9 +318,17 @@ def wide_model(
 @pytest.mark.gpu
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_model_logits_with_and_without_fused_ops(wide_model: Path, dtype: torch.dtype) -> None:
+def test_model_logits_with_and_without_fused_ops(
+    wide_model: Path, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from openautoglm.engine.models import fused_ops
+
     oracle = load_model(ModelConfig(model=str(wide_model)), torch.device("cpu"), torch.float32)
     loaded = load_model(ModelConfig(model=str(wide_model)), torch.device("cuda"), dtype)
+    # The decode steps' linears take the GEMV too: tune it for this model's shapes.
+    for module in loaded.model.modules():
+        if isinstance(module, torch.nn.Linear):
+            monkeypatch.setitem(fused_ops.GEMV_TUNED, tuple(module.weight.shape), fused_ops.GemvConfig(1, 256))
     rng = random.Random(0)
     prompt = [rng.randrange(1, oracle.arch.vocab_size - 64) for _ in range(70)]
     ref = _logits(oracle.model, oracle.arch, prompt, "cpu", torch.float32)

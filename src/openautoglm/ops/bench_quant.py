@@ -149,6 +149,7 @@ def _candidates(m: int) -> list[Any]:
     if m == 1:
         gemv = [(4, 1024, 4, False), (4, 1024, 4, True), (2, 1024, 4, True), (4, 2048, 4, True), (8, 1024, 8, True)]
         gemv += [(4, 4096, 8, False), (4, 4096, 8, True), (8, 2048, 8, True)]
+        gemv += [(1, 1024, 8, True), (1, 2048, 8, True), (2, 2048, 8, True), (1, 4096, 8, True), (2, 1024, 8, True)]
         return [Int8Config("gemv", 1, 2, 1024, packed=False)] + [
             Int8Config("gemv", 1, bn, bk, w, evict=ev) for bn, bk, w, ev in gemv
         ]

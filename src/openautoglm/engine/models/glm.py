@@ -15,7 +15,16 @@ from torch import nn
 
 from openautoglm.engine.attention.base import ForwardContext
 from openautoglm.engine.models.base import ModelArchConfig
-from openautoglm.engine.models.layers import Attention, RMSNorm, RotaryEmbedding, SiluAndMul, add_rms_norm, apply_rotary
+from openautoglm.engine.models.layers import (
+    Attention,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    SiluAndMul,
+    add_rms_norm,
+    apply_rotary,
+    linear,
+)
 from openautoglm.engine.parallel.context import TensorParallel
 from openautoglm.engine.parallel.sharding import Shard, head_layout, split
 from openautoglm.protocol.errors import ModelLoadError
@@ -58,8 +67,8 @@ class GlmAttention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx)
         self.tp = tp
 
@@ -79,8 +88,8 @@ class GlmMLP(nn.Module):
     def __init__(self, config: ModelArchConfig, tp: TensorParallel = NO_TP) -> None:
         super().__init__()
         inter = config.intermediate_size // tp.size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * inter, bias=False)
-        self.down_proj = nn.Linear(inter, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * inter, bias=False)
+        self.down_proj = Linear(inter, config.hidden_size, bias=False)
         self.act = SiluAndMul()
         self.tp = tp
 
@@ -163,9 +172,7 @@ class GlmForCausalLM(nn.Module):
         # lm_head is vocabulary-parallel: each rank computes the logits of its ceil(V / N) vocabulary rows.
         self._vocab_rows = split(config.vocab_size, tp.rank, tp.size)
         self._vocab_shard = -(-config.vocab_size // tp.size)
-        self.lm_head = (
-            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, self._vocab_shard, bias=False)
-        )
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, self._vocab_shard, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
@@ -177,7 +184,7 @@ class GlmForCausalLM(nn.Module):
         else:
             lo, hi = self._vocab_rows
             weight = self.model.embed_tokens.weight if self.tp.size == 1 else self.model.embed_tokens.weight[lo:hi]
-        logits = F.linear(hidden_states, weight)
+        logits = linear(hidden_states, weight)
         if self.tp.size > 1:
             if logits.shape[1] < self._vocab_shard:  # the last shard of a tied vocabulary that does not split evenly
                 logits = F.pad(logits, (0, self._vocab_shard - logits.shape[1]))

@@ -58,6 +58,24 @@ def _fusable(*tensors: torch.Tensor) -> ModuleType | None:
     return _fused_ops()
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; for one token row on CUDA in bf16/fp16 with a weight shape the GEMV was tuned for, the
+    Triton GEMV (``fused_ops.gemv``), which streams the weight faster than cuBLAS there."""
+    if x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and weight.is_contiguous():
+        ops = _fusable(x, weight) if bias is None else _fusable(x, weight, bias)
+        config = ops.GEMV_TUNED.get(tuple(weight.shape)) if ops is not None else None
+        if config is not None:
+            return ops.gemv(x, weight, bias, config)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose one-token products may take the GEMV (``linear``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32, cast back, then scaled (the order transformers uses)."""
 

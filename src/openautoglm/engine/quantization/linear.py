@@ -89,7 +89,7 @@ def replace_linears(model: nn.Module, method: str) -> list[str]:
     replaced: list[str] = []
     for path, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in QUANTIZED_LINEAR_NAMES and type(child) is nn.Linear:
+            if child_name in QUANTIZED_LINEAR_NAMES and isinstance(child, nn.Linear):
                 setattr(module, child_name, QuantizedLinear.like(child, method))
                 replaced.append(f"{path}.{child_name}" if path else child_name)
     return replaced
