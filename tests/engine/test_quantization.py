@@ -23,6 +23,7 @@ from openautoglm.engine.attention.reference import ReferenceAttentionBackend, bu
 from openautoglm.engine.llm import LLM
 from openautoglm.engine.loader import LoadedModel, load_model
 from openautoglm.engine.models.base import ModelArchConfig
+from openautoglm.engine.models.layers import Linear
 from openautoglm.engine.models.registry import get_model_class
 from openautoglm.engine.platform import fast_path_decision, fast_path_support, fp8_decision
 from openautoglm.engine.quantization import QuantizedLinear, replace_linears
@@ -130,7 +131,7 @@ def test_replace_linears_swaps_exactly_the_decoder_projections(method: str, stor
     assert replaced == [f"model.layers.{i}.{p}" for i in range(2) for p in parts]
     modules = dict(model.named_modules())
     assert all(isinstance(modules[p], QuantizedLinear) and modules[p].weight.dtype == storage for p in replaced)
-    assert type(modules["lm_head"]) is nn.Linear and type(modules["model.embed_tokens"]) is nn.Embedding
+    assert type(modules["lm_head"]) is Linear and type(modules["model.embed_tokens"]) is nn.Embedding
     assert modules["model.layers.0.self_attn.qkv_proj"].bias is not None  # GLM's q/k/v bias stays
     assert model.expected_weight_names() == plain.expected_weight_names()  # type: ignore[operator]
     # Same parameter order as the float model: seeded dummy weights draw the same numbers.

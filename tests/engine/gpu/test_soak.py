@@ -93,4 +93,6 @@ def test_soak_random_aborts_leak_no_blocks(tmp_path: Path, demo_dir: Path, check
     assert core.kv_cache.num_free_blocks == core.kv_cache.num_usable_blocks, "KV blocks leaked"
     assert reasons.get(FinishReason.ABORT, 0) > 0 and reasons.get(FinishReason.LENGTH, 0) > 0
     assert stats.num_preemptions > 0 and core.runner.num_graph_replays > 0
-    print(f"soak: {counter} requests in {seconds:.0f}s, {stats.num_steps} steps, reasons {reasons}, {stats}")
+    deferred = core.num_deferred_steps  # steps whose greedy tokens stayed on the device (async scheduling)
+    print(f"soak: {counter} requests in {seconds:.0f}s, {stats.num_steps} steps ({deferred} deferred), {reasons}")
+    print(stats)

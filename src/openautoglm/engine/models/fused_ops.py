@@ -246,11 +246,13 @@ GEMV_TUNED: dict[tuple[int, int], GemvConfig] = {
 def _gemv_kernel(
     x_ptr,
     w_ptr,
+    s_ptr,
     b_ptr,
     y_ptr,
     N,
     stride_wn,
     K: tl.constexpr,
+    HAS_SCALE: tl.constexpr,  # int8 weights (quantization): per-output-channel float32 scales
     HAS_BIAS: tl.constexpr,
     EVICT: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -269,18 +271,28 @@ def _gemv_kernel(
         acc += w.to(tl.float32) * x[None, :]
         w_ptrs += BLOCK_K
     y = tl.sum(acc, axis=1)
+    if HAS_SCALE:
+        y *= tl.load(s_ptr + rn, mask=n_mask, other=0.0)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig) -> torch.Tensor:
-    """``x @ weight.T + bias`` for one row ``x`` [1, K] (contiguous) and a contiguous weight [N, K]."""
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: GemvConfig,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(x @ weight.T) * scale + bias`` for one row ``x`` [1, K] (contiguous) and a weight [N, K] with unit
+    stride along K (the scale, for int8 weights, per output channel)."""
     n, k = weight.shape
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, bias if bias is not None else weight, y, n, weight.stride(0),
-        K=k, HAS_BIAS=bias is not None, EVICT="evict_first" if config.evict else "",
+        x, weight, scale if scale is not None else weight, bias if bias is not None else weight, y, n,
+        weight.stride(0), K=k, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+        EVICT="evict_first" if config.evict else "",
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return y

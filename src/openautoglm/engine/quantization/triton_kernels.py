@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from openautoglm.engine.models.fused_ops import GemvConfig, gemv
+
 FP8_E4M3_MAX = 448.0
 _MAGIC_BITS = tl.constexpr(0x4B400000)  # float32 bits of 12582912.0 = 1.5 * 2^23
 _MAGIC = tl.constexpr(12582912.0)
@@ -49,11 +51,10 @@ class Int8Config:
 TUNED_CONFIGS: dict[tuple[int, int, int], Int8Config] = {}
 
 
-# One token, per projection: a sweep on an H100 with 40 layers' weights in one CUDA graph (more than L2) measured
-# o 0.359 -> 0.348 ms, gate_up 1.715 -> 1.608, down 0.994 -> 0.934 against the 4 x 1024 default (qkv: default best).
+# One token: sweeps on an H100 with 40 layers' weights per projection in one CUDA graph (more than L2). One weight
+# row per program, 512 weights per iteration, 2 warps was best for qkv, o and gate_up (0.371, 0.328 and 1.552 ms
+# against 0.379, 0.359 and 1.715 for the earlier 4 x 1024 / 4 warps); down (13696 inputs) keeps 8 rows of 2048.
 _INT8_GEMV: dict[tuple[int, int], Int8Config] = {
-    (4096, 4096): Int8Config("gemv", 1, 8, 2048, num_warps=8, evict=True),
-    (27392, 4096): Int8Config("gemv", 1, 4, 4096, num_warps=4, evict=True),
     (4096, 13696): Int8Config("gemv", 1, 8, 2048, num_warps=4, evict=True),
 }
 
@@ -62,7 +63,7 @@ def int8_config(m: int, n: int, k: int) -> Int8Config:
     """How an ``[m, k] x [n, k]^T`` product runs: the best of ops/bench_quant.py's sweep on an H100 for GLM-4-9B's
     projections (qkv 4608x4096, o 4096x4096, gate_up 27392x4096, down 4096x13696).
 
-    One token is a pure weight stream: a GEMV over 4 rows per program (thousands of programs, weights read once
+    One token is a pure weight stream: a GEMV over 1 row per program (thousands of programs, weights read once
     with an evict-first hint). Up to 64 tokens, narrow deep tensor-core tiles keep the grid large. Beyond, the
     product is compute-bound: cuBLAS on a dequantized copy, or wide tiles for the widest projection. There int8
     weight-only is slower than bf16 (10 to 70% at 256 tokens, 5 to 10% at 4096): it pays off in decode.
@@ -71,7 +72,7 @@ def int8_config(m: int, n: int, k: int) -> Int8Config:
     if tuned is not None:
         return tuned
     if m == 1:
-        return _INT8_GEMV.get((n, k), Int8Config("gemv", 1, 4, 1024, num_warps=4, evict=True))
+        return _INT8_GEMV.get((n, k), Int8Config("gemv", 1, 1, 512, num_warps=2, evict=True))
     if m <= 16:
         return Int8Config("mma", 16, 32, 256, num_warps=4, num_stages=4)
     if m <= 64:
@@ -100,38 +101,34 @@ def _int8_gemv_kernel(
     stride_wn,
     K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    PACKED: tl.constexpr,
     EVICT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # PACKED: w_ptr is the int32 view of the weight ([N, K / 4] words) and stride_wn counts words.
+    # w_ptr is the int32 view of the weight ([N, K / 4] words) and stride_wn counts words.
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
-    if PACKED:
-        BLOCK_W: tl.constexpr = BLOCK_K // 4
-        rw = tl.arange(0, BLOCK_W)
-        w_ptrs = w_ptr + rn[:, None] * stride_wn + rw[None, :]
-        # Element-wise partial sums, reduced once at the end: no cross-thread reduction inside the loop.
-        acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = (k0 + 4 * rw) < K
-            words = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0, eviction_policy=EVICT)
-            for i in tl.static_range(4):
-                xi = tl.load(x_ptr + k0 + 4 * rw + i, mask=k_mask, other=0.0).to(tl.float32)
-                acc += _bytes_to_f32(words, i) * xi[None, :]
-            w_ptrs += BLOCK_W
-    else:
-        rk = tl.arange(0, BLOCK_K)
-        w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = (k0 + rk) < K
-            x = tl.load(x_ptr + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0, eviction_policy=EVICT)
-            acc += w.to(tl.float32) * x[None, :]
-            w_ptrs += BLOCK_K
+    BLOCK_W: tl.constexpr = BLOCK_K // 4
+    rw = tl.arange(0, BLOCK_W)
+    rk = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + rw[None, :]
+    # Element-wise partial sums, reduced once at the end: no cross-thread reduction inside the loop.
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + 4 * rw) < K
+        words = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0, eviction_policy=EVICT)
+        # x in one contiguous load, split into the four byte lanes ([j, a, b] = x[4j + 2a + b]): four strided
+        # loads per word measured 2 to 5% slower at one or two weight rows per program.
+        x = tl.reshape(tl.load(x_ptr + k0 + rk, mask=(k0 + rk) < K, other=0.0).to(tl.float32), (BLOCK_W, 2, 2))
+        even, odd = tl.split(x)
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+        acc += _bytes_to_f32(words, 0) * x0[None, :]
+        acc += _bytes_to_f32(words, 1) * x1[None, :]
+        acc += _bytes_to_f32(words, 2) * x2[None, :]
+        acc += _bytes_to_f32(words, 3) * x3[None, :]
+        w_ptrs += BLOCK_W
     y = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_mask, other=0.0)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
@@ -239,9 +236,12 @@ def int8_weight_only_matmul(
         return y
     bias_arg = bias if bias is not None else scale  # unread when HAS_BIAS is False
     if cfg.path == "gemv" and m == 1:
-        w = weight.view(torch.int32) if packed else weight
+        if not packed:  # the plain GEMV reads the int8 bytes as they are
+            gemv_cfg = GemvConfig(cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.evict)
+            return gemv(x, weight, bias, gemv_cfg, scale)
+        w = weight.view(torch.int32)
         _int8_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-            x, w, scale, bias_arg, y, n, w.stride(0), K=k, HAS_BIAS=bias is not None, PACKED=packed,
+            x, w, scale, bias_arg, y, n, w.stride(0), K=k, HAS_BIAS=bias is not None,
             EVICT="evict_first" if cfg.evict else "", BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
