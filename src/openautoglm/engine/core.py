@@ -20,7 +20,7 @@ from openautoglm.engine.memory import step_reserve_bytes
 from openautoglm.engine.parallel.workers import TensorParallelError, WorkerGroup
 from openautoglm.engine.request import PLACEHOLDER, Request
 from openautoglm.engine.runner import ModelRunner, kv_cache_budget_bytes, kv_cache_bytes_per_block
-from openautoglm.engine.sampling import SampledLogprobs, Sampler
+from openautoglm.engine.sampling import SampledLogprobs, Sampler, SamplingPlan
 from openautoglm.engine.scheduler import Scheduler
 from openautoglm.engine.stats import EngineStats
 from openautoglm.engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -288,10 +288,10 @@ class EngineCore:
             return None
 
     def _sample(
-        self, logits: torch.Tensor, reqs: list[Request], out: _StepOutputs
+        self, logits: torch.Tensor, reqs: list[Request], out: _StepOutputs, plan: SamplingPlan | None = None
     ) -> list[tuple[Request, int, SampledLogprobs | None]]:
         try:
-            res = self.sampler.sample(logits, reqs)
+            res = self.sampler.sample(logits, reqs, plan)
             return list(zip(reqs, res.token_ids, res.logprobs, strict=True))
         except Exception:  # noqa: BLE001 — find the faulty request(s) row by row; the others still get a token
             logger.warning("Open-AutoGLM engine: batched sampling failed; isolating the faulty request")
@@ -318,14 +318,15 @@ class EngineCore:
         previous, self._sampled = self._sampled, None
         launched = self._launch(out, previous.device if previous is not None else None)
         reqs, logits = launched if launched is not None else ([], None)
-        tokens = self._sample_on_device(logits, reqs) if self.async_scheduling and reqs else None
+        plan = self.sampler.plan(reqs)  # once per step: both samplers take it
+        tokens = self._sample_on_device(logits, reqs, plan) if self.async_scheduling and reqs else None
         self._report(previous, out)
         if tokens is not None:
             self._sampled = self._defer(reqs, tokens)
         elif logits is not None and reqs:
             kept = [
                 (req, token, lp)
-                for req, token, lp in self._sample(logits, reqs, out)
+                for req, token, lp in self._sample(logits, reqs, out, plan)
                 if req.request_id in self._seqs and not req.is_finished
             ]
             for req, token, _ in kept:
@@ -334,9 +335,9 @@ class EngineCore:
             self._sampled = _Sampled([r for r, _, _ in kept], [t for _, t, _ in kept], [lp for _, _, lp in kept])
         return self._collect(out)
 
-    def _sample_on_device(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor | None:
+    def _sample_on_device(self, logits: torch.Tensor, reqs: list[Request], plan: SamplingPlan) -> torch.Tensor | None:
         try:
-            return self.sampler.sample_on_device(logits, reqs)
+            return self.sampler.sample_on_device(logits, reqs, plan)
         except Exception:  # noqa: BLE001 — the host sampler runs the step and isolates the faulty request
             logger.warning("Open-AutoGLM engine: device sampling failed; sampling this step on the host")
             return None

@@ -122,13 +122,12 @@ class ModelRunner:
 
         ``pending_tokens``: the previous step's sampled tokens, still on the device (async scheduling). A request
         whose last token is a placeholder (``Request.pending_row``) takes its input id from that row, copied on
-        the device before the forward pass; the host never waits for it."""
+        the device before the forward pass; the host never waits for it. (Only persistent inputs take them: the
+        core turns those on with async scheduling.)"""
         if self._inputs is not None:
             if self.workers is not None:
                 return self.workers.guard(self._execute_device, scheduled, self._inputs, pending_tokens)
             return self._execute_device(scheduled, self._inputs, pending_tokens)
-        if any(s.request.pending_row >= 0 for s in scheduled):
-            raise InternalError("runner: placeholder tokens need persistent inputs (async scheduling)")
         input_ids: list[int] = []
         query_lens: list[int] = []
         context_lens: list[int] = []

@@ -57,8 +57,8 @@ class SamplerOutput:
 
 
 @dataclass(slots=True)
-class _Plan:
-    """Which rows need what, found in one pass over the batch (global row numbers)."""
+class SamplingPlan:
+    """Which rows need what, found in one pass over the batch (global row numbers); ``Sampler.plan``."""
 
     random: list[int] = field(default_factory=list)
     greedy: list[int] = field(default_factory=list)
@@ -71,9 +71,14 @@ class _Plan:
     def modified(self) -> set[int]:
         return {*self.processors, *self.min_tokens, *self.repetition, *self.occurrence}
 
+    @property
+    def on_device(self) -> bool:
+        """No row needs the host: greedy rows with no processors, min_tokens, penalties or logprobs."""
+        return not self.random and not self.logprobs and not self.modified()
 
-def _plan(requests: Sequence[Request]) -> _Plan:
-    p = _Plan()
+
+def _plan(requests: Sequence[Request]) -> SamplingPlan:
+    p = SamplingPlan()
     for i, req in enumerate(requests):
         sp = req.sampling_params
         (p.greedy if sp.temperature < 1e-5 else p.random).append(i)
@@ -110,12 +115,19 @@ class Sampler:
 
     # ---- public ---------------------------------------------------------------------------------------
 
-    def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
+    @staticmethod
+    def plan(requests: Sequence[Request]) -> SamplingPlan:
+        """What each row needs (``sample`` and ``sample_on_device`` take it, so a step plans once)."""
+        return _plan(requests)
+
+    def sample(
+        self, logits: torch.Tensor, requests: Sequence[Request], plan: SamplingPlan | None = None
+    ) -> SamplerOutput:
         self._check(logits, requests)
         n = len(requests)
         if n == 0:
             return SamplerOutput([], [])
-        plan = _plan(requests)
+        plan = plan or _plan(requests)
         modified = plan.modified()
         if not plan.random and not modified:  # the common greedy case: one argmax, nothing else
             tokens = logits.argmax(-1)
@@ -131,15 +143,13 @@ class Sampler:
         token_ids: list[int] = tokens.tolist()
         return SamplerOutput(token_ids, self._logprobs(logits, requests, plan.logprobs, tokens))
 
-    def sample_on_device(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor | None:
+    def sample_on_device(
+        self, logits: torch.Tensor, requests: Sequence[Request], plan: SamplingPlan
+    ) -> torch.Tensor | None:
         """Async scheduling: the sampled tokens as a tensor on the logits' device, queued without waiting for
-        the device, when no row needs the host (greedy rows with no processors, min_tokens, penalties or
-        logprobs); None otherwise (``sample`` then does the whole step)."""
+        the device, when ``plan.on_device``; None otherwise (``sample`` then does the whole step)."""
         self._check(logits, requests)
-        plan = _plan(requests)
-        if not requests or plan.random or plan.logprobs or plan.modified():
-            return None
-        return logits.argmax(-1)
+        return logits.argmax(-1) if requests and plan.on_device else None
 
     def distribution(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         """The [B, V] probabilities each row would be sampled from now (one-hot for greedy rows). Runs the
@@ -174,7 +184,7 @@ class Sampler:
         self,
         logits: torch.Tensor,
         requests: Sequence[Request],
-        plan: _Plan,
+        plan: SamplingPlan,
         modified: set[int],
         tokens: torch.Tensor,
     ) -> tuple[list[int], torch.Tensor, int]:

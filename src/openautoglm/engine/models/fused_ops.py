@@ -270,6 +270,13 @@ def _gemv_kernel(
         w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy=EVICT)
         acc += w.to(tl.float32) * x[None, :]
         w_ptrs += BLOCK_K
+    gemv_epilogue(acc, rn, n_mask, s_ptr, b_ptr, y_ptr, HAS_SCALE, HAS_BIAS)
+
+
+@triton.jit
+def gemv_epilogue(acc, rn, n_mask, s_ptr, b_ptr, y_ptr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A GEMV's end (this one's and the int8 one's): reduce the element-wise partial sums of rows ``rn``, apply
+    the per-channel scale and the bias in float32, store in y's dtype."""
     y = tl.sum(acc, axis=1)
     if HAS_SCALE:
         y *= tl.load(s_ptr + rn, mask=n_mask, other=0.0)

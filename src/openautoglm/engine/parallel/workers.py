@@ -231,7 +231,7 @@ class WorkerGroup:
                 if kind == "failed":
                     return f"tensor-parallel rank {i + 1} (pid {proc.pid}) failed {when}: {payload}"
         except (EOFError, OSError):
-            pass
+            pass  # it died before reporting: its exit code below says how
         deadline = time.monotonic() + 2.0
         while proc.exitcode is None and time.monotonic() < deadline:
             time.sleep(0.02)  # not join(): another thread may be reaping it, and then join() sees nothing
