@@ -208,6 +208,29 @@ def test_cpu_path_never_dispatches_to_kernels() -> None:
     assert apply_rotary(x, cos, sin) is not x
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_programmatic_launch_only_inside_an_active_block_where_the_gpu_has_it() -> None:
+    """Kernels take the launch attribute inside ``pdl.active`` only (the runner's graph captures), only when
+    enabled, and never on a device without it (this CPU: the setting is ignored)."""
+    from openautoglm.engine import pdl
+
+    on = {"PDL": True, "launch_pdl": True} if pdl.supported() else {"PDL": False}
+    try:
+        pdl.configure(True)
+        assert pdl.enabled() is pdl.supported() and pdl.launch() == {"PDL": False}
+        with pdl.active():
+            assert pdl.launch() == on
+            with pdl.active(False):
+                assert pdl.launch() == {"PDL": False}
+            assert pdl.launch() == on
+        assert pdl.launch() == {"PDL": False}
+        pdl.configure(False)
+        with pdl.active():
+            assert pdl.launch() == {"PDL": False}
+    finally:
+        pdl.configure(None)
+
+
 # ---- the GPU -----------------------------------------------------------------------------------------------
 
 # Same rounding as the torch path: differences come only from float32 sums in another order, rsqrt and exp.

@@ -122,6 +122,13 @@ def gpu_suite(
             "tensor_parallel measurement compares this many (at least 2) with one",
         ),
     ] = 1,
+    programmatic_launch: Annotated[
+        bool | None,
+        typer.Option(
+            "--programmatic-launch/--no-programmatic-launch",
+            help="engine.programmatic_launch for every engine of the suite (default: the engine's default)",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """The GPU benchmark set (bandwidth bound, single-stream decode, offline vs transformers, serve latency,
@@ -132,7 +139,7 @@ def gpu_suite(
     options = SuiteOptions(
         model=model, load_format=load_format, offline_requests=offline_requests, hf_requests=hf_requests,
         gpu_memory_utilization=gpu_memory_utilization, only=tuple(only or ()),
-        tensor_parallel_size=tensor_parallel_size,
+        tensor_parallel_size=tensor_parallel_size, programmatic_launch=programmatic_launch,
     )  # fmt: skip
     results = run_suite(options, output)
     typer.echo(format_summary(results))

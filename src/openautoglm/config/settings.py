@@ -78,6 +78,12 @@ class EngineConfig(_Strict):
         description="Launch each decode step before the previous step's tokens are read back (greedy steps; "
         "the tokens stay on the device). Default: on for CUDA devices. On the CPU it serves tests",
     )
+    programmatic_launch: bool | None = Field(
+        None,
+        description="Launch the decode path's Triton kernels with programmatic dependent launch: each kernel's "
+        "programs start while the previous kernel ends. Default: on for GPUs of compute capability 9.0 and newer "
+        "(a GPU without it ignores the setting). Applies to every engine of the process",
+    )
     tensor_parallel_size: int = Field(
         1,
         ge=1,

@@ -18,6 +18,7 @@ from openautoglm.engine.kv_cache import KVCacheManager
 from openautoglm.engine.loader import load_model
 from openautoglm.engine.memory import step_reserve_bytes
 from openautoglm.engine.parallel.workers import TensorParallelError, WorkerGroup
+from openautoglm.engine.platform import configure_launches
 from openautoglm.engine.request import PLACEHOLDER, Request
 from openautoglm.engine.runner import ModelRunner, kv_cache_budget_bytes, kv_cache_bytes_per_block
 from openautoglm.engine.sampling import SampledLogprobs, Sampler, SamplingPlan
@@ -116,6 +117,7 @@ class EngineCore:
         # Benchmarks switch it off between requests to time the synchronous loop on the same engine.
         async_default = self.device.type == "cuda"
         self.async_scheduling = async_default if config.async_scheduling is None else config.async_scheduling
+        configure_launches(config.programmatic_launch, self.device)
         backend = select_backend(config, self.device, self.dtype)
         self.runner = ModelRunner(
             loaded.model, self.arch, backend, num_blocks, block_size, self.device, self.dtype,

@@ -10,7 +10,9 @@ The decisions are pure functions of the GPU's name and capability (``fast_path_d
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from typing import Any
 
 import torch
 
@@ -87,3 +89,22 @@ def check_fp8_support(device: torch.device) -> None:
         reason = fp8_decision(str(device), None, None)
     if reason is not None:
         raise ConfigError(reason)
+
+
+def configure_launches(enabled: bool | None, device: torch.device) -> None:
+    """Programmatic dependent launch for the Triton kernels of this process (``engine.programmatic_launch``;
+    None: on for GPUs of compute capability 9.0 and newer)."""
+    if device.type == "cuda" and triton_available():
+        from openautoglm.engine import pdl
+
+        pdl.configure(enabled)
+
+
+def launch_scope(device: torch.device, on: bool) -> contextlib.AbstractContextManager[Any]:
+    """A block whose Triton kernels use programmatic dependent launch when ``on`` (and enabled); a no-op block
+    off CUDA or without Triton."""
+    if device.type != "cuda" or not triton_available():
+        return contextlib.nullcontext()
+    from openautoglm.engine import pdl
+
+    return pdl.active(on)

@@ -63,6 +63,7 @@ class SuiteOptions:
     max_num_batched_tokens: int = 8192
     model_overrides: dict[str, Any] = field(default_factory=dict)  # extra ModelConfig fields (quantization…)
     tensor_parallel_size: int = 1
+    programmatic_launch: bool | None = None  # engine.programmatic_launch (None: the engine's default)
     decode_prompt_len: int = 128
     decode_new_tokens: int = 256
     offline_requests: int = 512
@@ -93,6 +94,7 @@ class SuiteContext:
             scheduler=SchedulerConfig(max_num_seqs=o.max_num_seqs, max_num_batched_tokens=o.max_num_batched_tokens),
             cuda_graph_max_batch=o.cuda_graph_max_batch,
             tensor_parallel_size=o.tensor_parallel_size,
+            programmatic_launch=o.programmatic_launch,
         )
 
     def llm(self) -> LLM:
@@ -188,6 +190,9 @@ def measure_single_stream(ctx: SuiteContext) -> dict[str, Any]:
     prompt = synthetic_prompts(1, (o.decode_prompt_len, o.decode_prompt_len), llm.core.arch.vocab_size, o.seed + 1)[0]
     runner = llm.core.runner
     out: dict[str, Any] = {"weight_gb": weight_bytes / GB, "prompt_len": len(prompt), "new_tokens": o.decode_new_tokens}
+    from openautoglm.engine import pdl
+
+    out["programmatic_launch"] = pdl.enabled()
     # graphs: the engine as it serves (CUDA graphs, async scheduling); graphs_sync: each step's tokens read
     # before the next step is launched; eager: no graphs.
     for mode in ("graphs", "graphs_sync", "eager"):

@@ -107,6 +107,29 @@ def test_async_scheduling_equals_synchronous_steps(wide_glm4: Path) -> None:
     assert on.core.kv_cache.num_free_blocks == on.core.kv_cache.num_usable_blocks
 
 
+def test_programmatic_launch_computes_what_ordered_launches_do(wide_glm4: Path) -> None:
+    """Kernels that start while the previous one ends (programmatic dependent launch, in the CUDA graphs) give the
+    tokens and logprobs of kernels launched one after the other."""
+    from openautoglm.engine import pdl
+
+    if not pdl.supported():
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    sections = {"cache": {"num_blocks": 48, "block_size": 16}, "scheduler": {"max_num_batched_tokens": 64}}
+    config = gpu_config(wide_glm4, **sections)
+    prompts = _prompts(256, 24, seed=9, max_len=200)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=3)
+    results = []
+    for enabled in (False, True):
+        llm = LLM(config.model_copy(update={"programmatic_launch": enabled}))
+        assert pdl.enabled() is enabled
+        results.append([r.sequences[0] for r in llm.generate(prompts, params)])
+        assert llm.core.runner.num_graph_replays > 0
+        llm.core.shutdown()
+    off, on = results
+    assert [s.token_ids for s in on] == [s.token_ids for s in off]
+    assert [[lp.top for lp in s.logprobs] for s in on] == [[lp.top for lp in s.logprobs] for s in off]
+
+
 def test_gpu_greedy_matches_cpu_reference(tiny_glm4: Path, make_engine_config) -> None:
     """The whole fast path (Triton kernels, graphs, pinned inputs, GPU sampling, overlapped steps) in float16
     against the CPU reference path in float32 under continuous batching, prefix hits, chunked prefill and

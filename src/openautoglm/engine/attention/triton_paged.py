@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from openautoglm.engine import pdl
 from openautoglm.engine.attention.base import AttentionBackend, AttentionMetadata
 from openautoglm.protocol.errors import EngineError
 
@@ -48,7 +49,9 @@ def _reshape_and_cache_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.begin(PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
@@ -85,7 +88,9 @@ def _decode_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.begin(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -149,7 +154,9 @@ def _merge_splits_kernel(
     NUM_SPLITS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.begin(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     row = b.to(tl.int64) * NUM_HEADS + h
@@ -262,7 +269,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
         key.stride(0), key.stride(1), value.stride(0), value.stride(1), kv_cache[0].numel(),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=_pow2(num_kv_heads), BLOCK_D=_pow2(head_dim),
-        num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
+        num_warps=4 if num_kv_heads * head_dim >= 1024 else 1, **pdl.launch(),
     )  # fmt: skip
 
 
@@ -324,7 +331,7 @@ class TritonPagedAttentionBackend(AttentionBackend):
         common = dict(
             NUM_SPLITS=splits, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim,
             BLOCK_G=max(16, _pow2(group)), BLOCK_D=max(16, _pow2(head_dim)), BLOCK_N=self.block_n_decode,
-            BLOCK_SIZE=block_size, num_warps=4, num_stages=2,
+            BLOCK_SIZE=block_size, num_warps=4, num_stages=2, **pdl.launch(),
         )  # fmt: skip
         grid = (num_seqs, num_kv_heads, splits)
         qk_scale = scale * _LOG2E
@@ -344,7 +351,7 @@ class TritonPagedAttentionBackend(AttentionBackend):
         _merge_splits_kernel[(num_seqs, num_heads)](
             part, lse, out, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, NUM_SPLITS=splits, HEAD_DIM=head_dim, BLOCK_D=max(16, _pow2(head_dim)),
-            num_warps=1 if head_dim <= 64 else 2,
+            num_warps=1 if head_dim <= 64 else 2, **pdl.launch(),
         )  # fmt: skip
 
     def prefill(

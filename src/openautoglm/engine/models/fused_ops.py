@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from openautoglm.engine import pdl
 from openautoglm.protocol.errors import InternalError
 
 
@@ -41,6 +42,22 @@ def _scaled_norm(x, w, n_cols, eps):
     var = tl.sum(x * x, axis=0) / n_cols
     normed = (x * tl.rsqrt(var + eps)).to(w.dtype)
     return (w.to(tl.float32) * normed.to(tl.float32)).to(w.dtype)
+
+
+@triton.jit
+def add_norm_epilogue(
+    x, r, w, post_w, cols, mask, out_ptrs, res_out_ptrs, n_cols, post_eps, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_POST: tl.constexpr,
+):  # fmt: skip
+    """Store ``norm(h)`` and ``h = r + post_norm(x)`` of one float32 row ``x`` (``r``: the residual row, float32;
+    ``w``, ``post_w``: the norms' weights in the model's dtype). Shared with the all-reduce that ends in a norm."""
+    if HAS_POST:
+        x = _scaled_norm(x, post_w, n_cols, post_eps).to(tl.float32)
+    if HAS_RESIDUAL:
+        h = (x + r).to(w.dtype)
+        tl.store(res_out_ptrs, h, mask=mask)
+        x = h.to(tl.float32)
+    tl.store(out_ptrs, _scaled_norm(x, w, n_cols, eps), mask=mask)
 
 
 @triton.jit
@@ -61,6 +78,7 @@ def _add_rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     HAS_POST: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # One row per program: out = norm(residual + post_norm(x)), res_out = residual + post_norm(x). Every load
     # is issued first: at one token a row is latency, not bandwidth, and the reductions' barriers would
@@ -68,18 +86,20 @@ def _add_rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
+    post_w = w
     if HAS_POST:
         post_w = tl.load(post_w_ptr + cols, mask=mask, other=0.0)
-        x = _scaled_norm(x, post_w, n_cols, post_eps).to(tl.float32)
+    pdl.begin(PDL)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    r = x
     if HAS_RESIDUAL:
-        h = (x + r).to(w.dtype)
-        tl.store(res_out_ptr + row * stride_res_out + cols, h, mask=mask)
-        x = h.to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, _scaled_norm(x, w, n_cols, eps), mask=mask)
+        r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
+    out_ptrs = out_ptr + row * stride_out + cols
+    res_out_ptrs = res_out_ptr + row * stride_res_out + cols
+    add_norm_epilogue(
+        x, r, w, post_w, cols, mask, out_ptrs, res_out_ptrs, n_cols, post_eps, eps, HAS_RESIDUAL, HAS_POST
+    )
 
 
 @triton.jit
@@ -95,8 +115,10 @@ def _rotary_kernel(
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # Program (token, head block): rotate pairs (x[2i], x[2i+1]), i < HALF, of BLOCK_H heads in place.
+    pdl.begin(PDL)
     tok = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     pairs = tl.arange(0, BLOCK_HALF)
@@ -116,7 +138,8 @@ def _rotary_kernel(
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, d, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, d, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -152,7 +175,7 @@ def _launch_norm(
             rows, res, out, res_out, weight if post_weight is None else post_weight, weight,
             rows.stride(0), res.stride(0), out.stride(0), res_out.stride(0), n, post_eps, eps,
             HAS_RESIDUAL=residual is not None, HAS_POST=post_weight is not None, BLOCK=block,
-            num_warps=_norm_warps(block), enable_fp_fusion=False,
+            num_warps=_norm_warps(block), enable_fp_fusion=False, **pdl.launch(),
         )  # fmt: skip
     return out.view(x.shape), res_out.view(x.shape)
 
@@ -195,6 +218,7 @@ def rotary_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     _rotary_kernel[(tokens, triton.cdiv(heads, block_h))](
         qk, cos, sin, qk.stride(0), qk.stride(1), cos.stride(0), sin.stride(0), heads,
         HALF=half, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(half), num_warps=2, enable_fp_fusion=False,
+        **pdl.launch(),
     )  # fmt: skip
 
 
@@ -206,7 +230,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if rows.shape[0]:
         block = 1024
         _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(d, block))](
-            rows, out, rows.stride(0), out.stride(0), d, BLOCK=block, num_warps=4, enable_fp_fusion=False
+            rows,
+            out,
+            rows.stride(0),
+            out.stride(0),
+            d,
+            BLOCK=block,
+            num_warps=4,
+            enable_fp_fusion=False,
+            **pdl.launch(),
         )
     return out.view(*x.shape[:-1], d)
 
@@ -257,19 +289,23 @@ def _gemv_kernel(
     EVICT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     rk = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # The first weight tile is read before waiting for the previous kernel (no kernel of a step writes weights).
+    w = tl.load(w_ptrs, mask=n_mask[:, None] & (rk < K)[None, :], other=0.0, eviction_policy=EVICT)
+    pdl.begin(PDL)
+    acc = w.to(tl.float32) * tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        w_ptrs += BLOCK_K
         k_mask = (k0 + rk) < K
         x = tl.load(x_ptr + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy=EVICT)
         acc += w.to(tl.float32) * x[None, :]
-        w_ptrs += BLOCK_K
     gemv_epilogue(acc, rn, n_mask, s_ptr, b_ptr, y_ptr, HAS_SCALE, HAS_BIAS)
 
 
@@ -301,5 +337,6 @@ def gemv(
         weight.stride(0), K=k, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
         EVICT="evict_first" if config.evict else "",
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        **pdl.launch(),
     )  # fmt: skip
     return y

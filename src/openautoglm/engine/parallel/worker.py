@@ -24,6 +24,7 @@ import torch
 
 from openautoglm.engine.parallel.context import connect
 from openautoglm.engine.parallel.workers import WorkerSpec
+from openautoglm.engine.platform import configure_launches
 from openautoglm.protocol.errors import EngineError, portable_error
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def _build(spec: WorkerSpec, commands: Connection, reports: Connection) -> Any:
     dtype = getattr(torch, spec.dtype)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    configure_launches(config.programmatic_launch, device)
     torch.manual_seed(config.model.seed)
     tp = connect(spec.rank, spec.size, spec.port, device, custom_all_reduce=not config.disable_custom_all_reduce)
     loaded = load_model(config.model, device, dtype, tp)
