@@ -211,14 +211,14 @@ def test_cli_generate_with_tensor_parallel_size(tiny_glm4: Path) -> None:
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
 
-def _glm9b_dir(tmp_path: Path, layers: int) -> Path:
-    """glm-4-9b-0414's shapes with ``layers`` decoder layers: a config.json and a tokenizer, no weights."""
+def _glm9b_dir(tmp_path: Path, layers: int, name: str = "glm-4-9b-0414") -> Path:
+    """``name``'s shapes (a GLM-4-9B) with ``layers`` decoder layers: a config.json and a tokenizer, no weights."""
     from openautoglm.engine.loader.demo import ensure_demo_model
     from openautoglm.engine.loader.named import write_named_config_dir
     from openautoglm.engine.models.named_configs import named_config
 
-    config = named_config("glm-4-9b-0414") | {"num_hidden_layers": layers}
-    return write_named_config_dir(tmp_path / "glm9b", "glm-4-9b-0414", config, ensure_demo_model(tmp_path))
+    config = named_config(name) | {"num_hidden_layers": layers}
+    return write_named_config_dir(tmp_path / "glm9b", name, config, ensure_demo_model(tmp_path))
 
 
 def _gpu_config(path: Path, size: int) -> EngineConfig:
@@ -259,6 +259,33 @@ def test_gpu_tp2_greedy_equals_tp1(tmp_path: Path, engines: list[LLM]) -> None:
         i = next(i for i, (a, b) in enumerate(zip(w.token_ids, g.token_ids, strict=True)) if a != b)
         top = dict((t, lp) for t, _, lp in w.logprobs[i].top)
         assert g.token_ids[i] in top and top[w.token_ids[i]] - top[g.token_ids[i]] < 0.1, (i, w.logprobs[i])
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_gpu_one_shot_all_reduce_with_norms_equals_nccl(tmp_path: Path, engines: list[LLM]) -> None:
+    """Decode steps whose all-reduces run in the one-shot kernel, with the residual add and norms after them in
+    the same kernel, against NCCL's all-reduce and the separate norm kernel: over two ranks both sum each element
+    in one rounding, so tokens and logprobs must be equal, not near. glm-4-9b-chat-hf's shapes: no sandwich norms
+    (the other test's model has them)."""
+    if not torch.cuda.can_device_access_peer(0, 1):
+        pytest.skip("the two GPUs cannot reach each other: no one-shot all-reduce")
+    path = _glm9b_dir(tmp_path, 4, "glm-4-9b-chat-hf")
+    config = _gpu_config(path, 2)
+    fast = LLM(config)
+    engines.append(fast)
+    assert fast.core.workers.tp.fast is not None
+    prompts = _prompts(fast.core.arch.vocab_size, 12, seed=7)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
+    got = [r.sequences[0] for r in fast.generate(prompts, params)]
+    assert fast.core.runner.num_graph_replays > 0
+    fast.core.shutdown()
+    nccl = LLM(config.model_copy(update={"disable_custom_all_reduce": True}))
+    engines.append(nccl)
+    assert nccl.core.workers.tp.fast is None
+    want = [r.sequences[0] for r in nccl.generate(prompts, params)]
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert [[lp.top for lp in g.logprobs] for g in got] == [[lp.top for lp in w.logprobs] for w in want]
 
 
 @pytest.mark.gpu

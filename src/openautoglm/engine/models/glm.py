@@ -57,7 +57,8 @@ def check_supported(config: ModelArchConfig) -> None:
 
 
 class GlmAttention(nn.Module):
-    """Column-parallel qkv (this rank's query heads and the KV heads they use), row-parallel o_proj."""
+    """Column-parallel qkv (this rank's query heads and the KV heads they use), row-parallel o_proj: the output
+    is this rank's part of the sum, which the decoder layer all-reduces with the norms after it."""
 
     def __init__(self, config: ModelArchConfig, layer_idx: int, tp: TensorParallel = NO_TP) -> None:
         super().__init__()
@@ -70,7 +71,6 @@ class GlmAttention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx)
-        self.tp = tp
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         qkv = self.qkv_proj(h)
@@ -79,11 +79,12 @@ class GlmAttention(nn.Module):
         qk = apply_rotary(qkv[:, :qk_size].view(n, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, qk_size:].view(n, self.num_kv_heads, self.head_dim)
-        return self.tp.all_reduce(self.o_proj(self.attn(q, k, v, ctx)))
+        return self.o_proj(self.attn(q, k, v, ctx))
 
 
 class GlmMLP(nn.Module):
-    """Column-parallel gate_up (this rank's gate and up features), row-parallel down_proj."""
+    """Column-parallel gate_up (this rank's gate and up features), row-parallel down_proj (a partial sum, as
+    ``GlmAttention``'s output)."""
 
     def __init__(self, config: ModelArchConfig, tp: TensorParallel = NO_TP) -> None:
         super().__init__()
@@ -91,10 +92,9 @@ class GlmMLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, 2 * inter, bias=False)
         self.down_proj = Linear(inter, config.hidden_size, bias=False)
         self.act = SiluAndMul()
-        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.down_proj(self.act(self.gate_up_proj(x))))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class GlmDecoderLayer(nn.Module):
@@ -111,6 +111,7 @@ class GlmDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_self_attn_layernorm = RMSNorm(config.hidden_size, eps) if sandwich_norm else None
         self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps) if sandwich_norm else None
+        self.tp = tp
 
     def forward(
         self,
@@ -126,9 +127,9 @@ class GlmDecoderLayer(nn.Module):
         Ending on the next layer's input norm lets each residual add run with the norms around it as one kernel.
         """
         a = self.self_attn(x, cos, sin, ctx)
-        x, residual = add_rms_norm(a, residual, self.post_attention_layernorm, self.post_self_attn_layernorm)
+        x, residual = add_rms_norm(a, residual, self.post_attention_layernorm, self.post_self_attn_layernorm, self.tp)
         m = self.mlp(x)
-        return add_rms_norm(m, residual, next_norm, self.post_mlp_layernorm)
+        return add_rms_norm(m, residual, next_norm, self.post_mlp_layernorm, self.tp)
 
 
 class GlmModel(nn.Module):

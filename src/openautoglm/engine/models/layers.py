@@ -13,12 +13,16 @@ import functools
 import importlib.util
 from collections.abc import Iterator
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from openautoglm.engine.attention.base import ForwardContext
+
+if TYPE_CHECKING:
+    from openautoglm.engine.parallel.context import TensorParallel
 
 _FUSED_DTYPES = (torch.bfloat16, torch.float16)
 _fused_enabled = True
@@ -95,17 +99,28 @@ class RMSNorm(nn.Module):
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, post_norm: RMSNorm | None = None
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm: RMSNorm,
+    post_norm: RMSNorm | None = None,
+    tp: TensorParallel | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(norm(h), h)`` with ``h = residual + post_norm(x)`` (``post_norm`` skipped when None).
+    """``(norm(h), h)`` with ``h = residual + post_norm(x)`` (``post_norm`` skipped when None); with ``tp``,
+    ``x`` is a row-parallel output, summed over the ranks first.
 
     The residual add between a block's output and the next block's input norm; with GLM-4-0414's sandwich
-    norm, the norm of the block's output too. One kernel on the fused path.
+    norm, the norm of the block's output too. One kernel on the fused path, the all-reduce included where the
+    one-shot all-reduce takes it.
     """
     weights = (norm.weight,) if post_norm is None else (norm.weight, post_norm.weight)
     fused = _fusable(x, residual, *weights)
+    post = (None, 0.0) if post_norm is None else (post_norm.weight, post_norm.eps)
+    if tp is not None and tp.size > 1:
+        reduced = tp.all_reduce_add_rms_norm(x, residual, norm.weight, norm.eps, *post) if fused else None
+        if reduced is not None:
+            return reduced
+        tp.all_reduce(x)
     if fused is not None:
-        post = (None, 0.0) if post_norm is None else (post_norm.weight, post_norm.eps)
         return fused.add_rms_norm(x, residual, norm.weight, norm.eps, *post)
     if post_norm is not None:
         x = post_norm(x)

@@ -48,6 +48,16 @@ class TensorParallel:
                 self.group.allreduce(x).wait()
         return x
 
+    def all_reduce_add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+        post_weight: torch.Tensor | None, post_eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+        """``(norm(h), h)`` with ``h = residual + post_norm(sum of x)`` in one kernel (the one-shot all-reduce
+        ending in the norms), or None where that kernel does not take ``x``: then the caller sums and norms."""
+        if self.size > 1 and self.fast is not None and self.fast.fits_norm(x, residual):
+            return self.fast.add_rms_norm(x, residual, weight, eps, post_weight, post_eps)
+        return None
+
     def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
         """``x [rows, cols]`` of every rank side by side: ``[rows, size * cols]`` (rank 0's columns first)."""
         if self.size == 1:
