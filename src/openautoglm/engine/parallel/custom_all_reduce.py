@@ -103,7 +103,7 @@ def _sum_over_ranks(
     return acc
 
 
-@triton.jit(do_not_specialize=["n", "max_spin", "rank", "post_eps", "eps"])  # span: a multiple of 16, aligned
+@triton.jit(do_not_specialize=["n", "max_spin", "rank", "post_eps", "eps"])  # span: a multiple of 16 (fits_norm)
 def _one_shot_all_reduce(
     x_ptr,
     n,
@@ -281,8 +281,9 @@ class CustomAllReduce:
         return small and torch.cuda.is_current_stream_capturing()
 
     def fits_norm(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
-        """Whether ``add_rms_norm`` takes ``x [rows, cols]``: ``fits``, one program per row, bf16/fp16."""
-        rows_ok = x.dim() == 2 and x.shape[0] <= NUM_BLOCKS and x.shape[1] <= MAX_NORM_COLS
+        """Whether ``add_rms_norm`` takes ``x [rows, cols]``: ``fits``, one program per row, rows a multiple of 16
+        elements (the kernel's 16-byte accesses into the receive buffers start on a row)."""
+        rows_ok = x.dim() == 2 and x.shape[0] <= NUM_BLOCKS and x.shape[1] <= MAX_NORM_COLS and x.shape[1] % 16 == 0
         same = residual.shape == x.shape and residual.dtype == x.dtype and residual.is_contiguous()
         return rows_ok and same and self.fits(x)
 
