@@ -100,11 +100,11 @@ def configure_launches(enabled: bool | None, device: torch.device) -> None:
         pdl.configure(enabled)
 
 
-def launch_scope(device: torch.device, on: bool) -> contextlib.AbstractContextManager[Any]:
-    """A block whose Triton kernels use programmatic dependent launch when ``on`` (and enabled); a no-op block
-    off CUDA or without Triton."""
+def launch_scope(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """A block whose Triton kernels use programmatic dependent launch (where enabled); a no-op block off CUDA or
+    without Triton."""
     if device.type != "cuda" or not triton_available():
         return contextlib.nullcontext()
     from openautoglm.engine import pdl
 
-    return pdl.active(on)
+    return pdl.active()

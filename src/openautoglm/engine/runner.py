@@ -237,7 +237,7 @@ class ModelRunner:
         inputs.fill_dummy_decode(max(sizes))
         # Graphs only: an eager launch with the attribute costs the host more, and eager one-token steps are
         # bound by the host (measured on an H100, GLM-4-9B shapes: 22.6 -> 34.4 ms a step with it).
-        with launch_scope(self.device, True):
+        with launch_scope(self.device):
             self._capture_sizes(sizes, pool, mode)
         # Eager one-token steps (a prompt whose blocks are all cached) run the kernels without that launch
         # attribute, compiled apart: compiled here, not on a user's first such request (0.5-0.9 s on an H100).

@@ -299,7 +299,8 @@ class CustomAllReduce:
         post_weight: torch.Tensor | None = None, post_eps: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """``(norm(h), h)`` with ``h = residual + post_norm(sum of x over the ranks)``, in one kernel: what
-        ``all_reduce`` followed by ``fused_ops.add_rms_norm`` computes, bit for bit (``fits_norm`` first)."""
+        ``all_reduce`` followed by ``fused_ops.add_rms_norm`` computes, bit for bit but for the sign of a zero
+        (-0.0 is sent as +0.0) (``fits_norm`` first)."""
         return self._norm(x, residual, weight, eps, post_weight, post_eps, SERVICE_SPIN)
 
     def _norm(
