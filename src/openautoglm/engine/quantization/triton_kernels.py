@@ -55,15 +55,16 @@ class Int8Config:
 TUNED_CONFIGS: dict[tuple[int, int, int], Int8Config] = {}
 
 
-# One token: a sweep on an H100 with 40 layers' weights per projection in one CUDA graph (more than L2),
-# programmatic dependent launch on, ms per 40 layers against the earlier one-row / 512 / 2-warp launch: qkv 0.357
-# (0.389) with 4 rows of 2048, o 0.299 (0.364) and down 0.888 with 8 rows of 2048, gate_up 1.551 (1.585) with
-# one row of 256 on one warp.
+# One token: launch shapes from a sweep on an H100 inside the engine's batch-1 decode graph (launch attribute on,
+# best of two captures, 60 replays each; ms per step against the earlier shapes' 4.17): qkv one row of 256 on
+# 2 warps (4.11), gate_up one row of 512 on 2 warps (4.02), down one row of 2,048 on 8 warps (4.14); o keeps 8
+# rows of 2,048 on 4 warps. One row per program with at most two words per thread keeps x's layout the
+# weights' (more rows or words per thread make Triton move x through shared memory on every tile).
 _INT8_GEMV: dict[tuple[int, int], Int8Config] = {
-    (4608, 4096): Int8Config("gemv", 1, 4, 2048, num_warps=4, evict=True),
+    (4608, 4096): Int8Config("gemv", 1, 1, 256, num_warps=2, evict=True),
     (4096, 4096): Int8Config("gemv", 1, 8, 2048, num_warps=4, evict=True),
-    (27392, 4096): Int8Config("gemv", 1, 1, 256, num_warps=1, evict=True),
-    (4096, 13696): Int8Config("gemv", 1, 8, 2048, num_warps=4, evict=True),
+    (27392, 4096): Int8Config("gemv", 1, 1, 512, num_warps=2, evict=True),
+    (4096, 13696): Int8Config("gemv", 1, 1, 2048, num_warps=8, evict=True),
 }
 
 
@@ -72,9 +73,7 @@ def _int8_gemv_config(n: int, k: int) -> Int8Config:
     tuned = _INT8_GEMV.get((n, k))
     if tuned is not None:
         return tuned
-    if n > 8192:
-        return Int8Config("gemv", 1, 1, 256, num_warps=1, evict=True)
-    return Int8Config("gemv", 1, 4, 2048, num_warps=4, evict=True)
+    return Int8Config("gemv", 1, 1, 512 if n > 8192 else 256, num_warps=2, evict=True)
 
 
 def int8_config(m: int, n: int, k: int) -> Int8Config:
@@ -114,22 +113,35 @@ def _unpack(words):
 
 
 @triton.jit
-def _int8_tile(words, x_ptr, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The float32 products of one ``[BLOCK_N, BLOCK_K / 4]`` tile of int32 words with x[k0 : k0 + BLOCK_K]."""
-    rk = tl.arange(0, BLOCK_K)
+def _int8_tile_fma(acc, words, x_ptr, kw0, KW: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_K: tl.constexpr):
+    """``acc`` plus the float32 products of one ``[BLOCK_N, BLOCK_W]`` tile of int32 words (weight columns
+    ``4 * kw0 ...``) with the matching ``4 * BLOCK_W`` values of x, one FMA per weight."""
+    rk = 4 * kw0 + tl.arange(0, 4 * BLOCK_W)
     # x in one contiguous load, split into the four byte lanes ([j, a, b] = x[4j + 2a + b]), not four strided
     # loads per word: each kernel's best launch shape, H100, 40 layers per graph, ms: qkv 0.371 against
     # 0.379, o 0.328 against 0.347, gate_up 1.552 against 1.605 (down: 0.944 against 0.932, about even).
-    x = tl.reshape(tl.load(x_ptr + k0 + rk, mask=(k0 + rk) < K, other=0.0).to(tl.float32), (BLOCK_K // 4, 2, 2))
-    even, odd = tl.split(x)
+    x = tl.load(x_ptr + rk) if EVEN_K else tl.load(x_ptr + rk, mask=rk < 4 * KW, other=0.0)
+    even, odd = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_W, 2, 2)))
     x0, x2 = tl.split(even)
     x1, x3 = tl.split(odd)
     w0, w1, w2, w3 = _unpack(words)
-    prod = w0 * x0[None, :]
-    prod += w1 * x1[None, :]
-    prod += w2 * x2[None, :]
-    prod += w3 * x3[None, :]
-    return prod
+    acc += w0 * x0[None, :]
+    acc += w1 * x1[None, :]
+    acc += w2 * x2[None, :]
+    acc += w3 * x3[None, :]
+    return acc
+
+
+@triton.jit
+def _int8_words(w_ptrs, n_mask, rw, kw0, KW: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, EVICT):
+    """One ``[BLOCK_N, BLOCK_W]`` tile of weight words. The masks count words, not bytes: a mask on ``4 * rw``
+    cannot be proven constant over neighbouring words, and Triton then loads one word per instruction."""
+    if EVEN_N and EVEN_K:
+        return tl.load(w_ptrs, eviction_policy=EVICT)
+    if EVEN_K:
+        return tl.load(w_ptrs, mask=n_mask[:, None], other=0, eviction_policy=EVICT)
+    mask = n_mask[:, None] & ((kw0 + rw) < KW)[None, :]
+    return tl.load(w_ptrs, mask=mask, other=0, eviction_policy=EVICT)
 
 
 @triton.jit
@@ -141,30 +153,29 @@ def _int8_gemv_kernel(
     y_ptr,
     N,
     stride_wn,
-    K: tl.constexpr,
+    KW: tl.constexpr,  # K / 4: the words of a row
     HAS_BIAS: tl.constexpr,
     EVICT: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0
     PDL: tl.constexpr,
 ):
     # w_ptr is the int32 view of the weight ([N, K / 4] words) and stride_wn counts words.
+    EVEN_K: tl.constexpr = KW % BLOCK_W == 0
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
-    BLOCK_W: tl.constexpr = BLOCK_K // 4
     rw = tl.arange(0, BLOCK_W)
     w_ptrs = w_ptr + rn[:, None] * stride_wn + rw[None, :]
     # The first tile is read before waiting for the previous kernel (no kernel of a step writes weights).
-    words = tl.load(w_ptrs, mask=n_mask[:, None] & (4 * rw < K)[None, :], other=0, eviction_policy=EVICT)
+    words = _int8_words(w_ptrs, n_mask, rw, 0, KW, EVEN_N, EVEN_K, EVICT)
     pdl.begin(PDL)
     # Element-wise partial sums, reduced once at the end: no cross-thread reduction inside the loop.
-    acc = _int8_tile(words, x_ptr, 0, K, BLOCK_K)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        w_ptrs += BLOCK_W
-        k_mask = (k0 + 4 * rw) < K
-        words = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0, eviction_policy=EVICT)
-        acc += _int8_tile(words, x_ptr, k0, K, BLOCK_K)
+    acc = _int8_tile_fma(tl.zeros((BLOCK_N, BLOCK_W), tl.float32), words, x_ptr, 0, KW, BLOCK_W, EVEN_K)
+    for kw0 in range(BLOCK_W, KW, BLOCK_W):
+        words = _int8_words(w_ptrs + kw0, n_mask, rw, kw0, KW, EVEN_N, EVEN_K, EVICT)
+        acc = _int8_tile_fma(acc, words, x_ptr, kw0, KW, BLOCK_W, EVEN_K)
     gemv_epilogue(acc, rn, n_mask, s_ptr, b_ptr, y_ptr, True, HAS_BIAS)
 
 
@@ -275,9 +286,9 @@ def int8_weight_only_matmul(
             return gemv(x, weight, bias, gemv_cfg, scale)
         w = weight.view(torch.int32)
         _int8_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-            x, w, scale, bias_arg, y, n, w.stride(0), K=k, HAS_BIAS=bias is not None,
-            EVICT="evict_first" if cfg.evict else "", BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch(),
+            x, w, scale, bias_arg, y, n, w.stride(0), KW=k // 4, HAS_BIAS=bias is not None,
+            EVICT="evict_first" if cfg.evict else "", BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_k // 4,
+            EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch(),
         )  # fmt: skip
         return y
     mma = cfg if cfg.path == "mma" else int8_config(min(m, 64), n, k)
