@@ -145,6 +145,20 @@ def check_gemv(
     _check(mod.gemv(x, w, b, mod.GemvConfig(**config)), exact.to(dtype), steps, 1.0)
 
 
+def check_gemv_silu(
+    mod: ModuleType, case: tuple[int, int, dict[str, int], bool], dtype: torch.dtype, device: str
+) -> None:
+    """The fused [gate | up] GEMV equals the GEMV followed by the SiLU-and-mul kernel, bit for bit."""
+    n, k, config, with_bias = case
+    x = _randn((1, k), 23, 1.0, dtype, device)
+    w = _randn((2 * n, k), 24, 0.05, dtype, device)
+    b = _randn((2 * n,), 25, 1.0, dtype, device) if with_bias else None
+    cfg = mod.GemvConfig(**config)
+    fused = mod.gemv(x, w, b, cfg, silu=True)
+    assert fused.shape == (1, n)
+    assert torch.equal(fused, mod.silu_and_mul(mod.gemv(x, w, b, cfg)))
+
+
 def _direct_ops(mod: ModuleType) -> Ops:
     """The kernels' own entry points (no dispatch), with the layers' argument shapes."""
 
@@ -186,6 +200,7 @@ def test_interpreted_gemv(case: tuple[int, int, dict[str, int], bool], dtype: to
     from openautoglm.engine.models import fused_ops
 
     check_gemv(fused_ops, case, dtype, "cpu", 1.0 if dtype == torch.float16 else 2.0)
+    check_gemv_silu(fused_ops, case, dtype, "cpu")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
@@ -270,6 +285,7 @@ def test_gemv_on_gpu(case: tuple[int, int, dict[str, int], bool], dtype: torch.d
     from openautoglm.engine.models import fused_ops
 
     check_gemv(fused_ops, case, dtype, "cuda", 1.0)
+    check_gemv_silu(fused_ops, case, dtype, "cuda")
 
 
 @pytest.mark.gpu
@@ -288,6 +304,21 @@ def test_linear_takes_the_gemv_for_tuned_shapes_only() -> None:
         assert torch.equal(layers.linear(x, w), torch.nn.functional.linear(x, w))
     x, w = _randn((1, 96), 1, 1.0, torch.bfloat16, "cuda"), _randn((40, 96), 2, 1.0, torch.bfloat16, "cuda")
     assert torch.equal(layers.linear(x, w), torch.nn.functional.linear(x, w))
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gate_up_takes_the_silu_gemv_for_one_token_only() -> None:
+    """GLM-4-9B's gate_up (a tuned shape): one token gets silu(gate) * up from one kernel, equal to the GEMV and
+    the SiLU-and-mul kernel; two tokens (and an untuned shape) get None, so the MLP multiplies first."""
+    from openautoglm.engine.models import fused_ops
+
+    proj = layers.Linear(4096, 2 * 13696, bias=False).to("cuda", torch.bfloat16)
+    x = _randn((2, 4096), 3, 1.0, torch.bfloat16, "cuda")
+    one = proj.forward_silu(x[:1])
+    assert one is not None and torch.equal(one, fused_ops.silu_and_mul(proj(x[:1])))
+    assert proj.forward_silu(x) is None
+    assert layers.Linear(96, 80, bias=False).to("cuda", torch.bfloat16).forward_silu(x[:1, :96]) is None
 
 
 @pytest.mark.gpu

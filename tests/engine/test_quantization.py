@@ -292,7 +292,18 @@ _INTERPRETED = textwrap.dedent(
         errors.append(float((y.double() - ref).norm() / ref.norm()))
     q, s = quantize_int8(torch.randn(48, 1000, generator=g))
     exact = bool(torch.equal(int8_dequantize(q, s, torch.float32), q.float() * s[:, None]))
-    print(json.dumps({"errors": errors, "dequant_exact": exact}))
+    # silu(gate) * up in the GEMV's epilogue: equal to the GEMV, then the SiLU-and-mul kernel
+    from openautoglm.engine.models.fused_ops import silu_and_mul
+    from openautoglm.engine.quantization.triton_kernels import int8_gemv_silu
+    silu_equal = []
+    for n, k in [(48, 64), (74, 1000)]:
+        x = torch.randn(1, k, generator=g)
+        q, s = quantize_int8(torch.randn(n, k, generator=g) * 0.02)
+        b = torch.randn(n, generator=g)
+        fused = int8_gemv_silu(x, q, s, b)
+        unfused = silu_and_mul(int8_weight_only_matmul(x, q, s, b))
+        silu_equal.append(fused.shape == (1, n // 2) and bool(torch.equal(fused, unfused)))
+    print(json.dumps({"errors": errors, "dequant_exact": exact, "silu_equal": silu_equal}))
     """
 )
 
@@ -307,4 +318,4 @@ def test_int8_triton_kernels_under_the_interpreter() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert max(result["errors"]) < 1e-6 and result["dequant_exact"], result
+    assert max(result["errors"]) < 1e-6 and result["dequant_exact"] and all(result["silu_equal"]), result

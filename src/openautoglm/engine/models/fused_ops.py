@@ -17,7 +17,9 @@ stream, and for GLM-4-9B's shapes cuBLAS streams at 2.1-2.8 TB/s on an H100 (spl
 for the narrow outputs) where one program per weight row (or few), streaming it once with an evict-first hint
 and reducing float32 partial sums once at the end, reaches 2.7-3.2 TB/s. Its sums run in another order than
 cuBLAS's, so its outputs differ from the torch path's by float32 rounding before the bf16 cast. It runs only
-for shapes in ``GEMV_TUNED`` (measured faster than cuBLAS there; docs/performance.md).
+for shapes in ``GEMV_TUNED`` (measured faster than cuBLAS there; docs/performance.md). With ``silu=True`` it
+takes a fused ``[gate | up]`` weight and ends in SiLU-and-mul (``gemv_silu_epilogue``): one kernel fewer per layer,
+the same numbers as the GEMV followed by ``silu_and_mul`` (H100, GLM-4-9B shapes: 0.06 ms per decode step).
 
 Only ``layers.py`` imports this module, lazily: it needs Triton, which CPU-only installs of Open-AutoGLM do
 not have.
@@ -275,17 +277,30 @@ GEMV_TUNED: dict[tuple[int, int], GemvConfig] = {
 
 
 @triton.jit
+def _gemv_rows(w_ptrs, w, x_ptr, n_mask, rk, K: tl.constexpr, BLOCK_K: tl.constexpr, EVICT: tl.constexpr):
+    """Element-wise float32 partial sums of the rows at ``w_ptrs`` times x, from their first tile ``w``."""
+    acc = w.to(tl.float32) * tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k_mask = (k0 + rk) < K
+        x = tl.load(x_ptr + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy=EVICT)
+        acc += w.to(tl.float32) * x[None, :]
+    return acc
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     w_ptr,
     s_ptr,
     b_ptr,
     y_ptr,
-    N,
+    N,  # output features (with SILU: half the weight's rows)
     stride_wn,
     K: tl.constexpr,
     HAS_SCALE: tl.constexpr,  # int8 weights (quantization): per-output-channel float32 scales
     HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,  # a fused [gate | up] weight: y = silu(gate) * up (gemv_silu_epilogue)
     EVICT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -296,29 +311,50 @@ def _gemv_kernel(
     n_mask = rn < N
     rk = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
+    first = n_mask[:, None] & (rk < K)[None, :]
     # The first weight tile is read before waiting for the previous kernel (no kernel of a step writes weights).
-    w = tl.load(w_ptrs, mask=n_mask[:, None] & (rk < K)[None, :], other=0.0, eviction_policy=EVICT)
+    w = tl.load(w_ptrs, mask=first, other=0.0, eviction_policy=EVICT)
+    if SILU:  # and the up rows' (N rows further down)
+        up_ptrs = w_ptr + (N + rn)[:, None].to(tl.int64) * stride_wn + rk[None, :]
+        w_up = tl.load(up_ptrs, mask=first, other=0.0, eviction_policy=EVICT)
     pdl.begin(PDL)
-    acc = w.to(tl.float32) * tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        w_ptrs += BLOCK_K
-        k_mask = (k0 + rk) < K
-        x = tl.load(x_ptr + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy=EVICT)
-        acc += w.to(tl.float32) * x[None, :]
-    gemv_epilogue(acc, rn, n_mask, s_ptr, b_ptr, y_ptr, HAS_SCALE, HAS_BIAS)
+    acc = _gemv_rows(w_ptrs, w, x_ptr, n_mask, rk, K, BLOCK_K, EVICT)
+    if SILU:
+        acc_up = _gemv_rows(up_ptrs, w_up, x_ptr, n_mask, rk, K, BLOCK_K, EVICT)
+        gemv_silu_epilogue(acc, acc_up, rn, n_mask, N, s_ptr, b_ptr, y_ptr, HAS_SCALE, HAS_BIAS)
+    else:
+        gemv_epilogue(acc, rn, n_mask, s_ptr, b_ptr, y_ptr, HAS_SCALE, HAS_BIAS)
+
+
+@triton.jit
+def _gemv_rows_out(acc, rows, n_mask, s_ptr, b_ptr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Reduce the element-wise partial sums of ``rows``, then the per-channel scale and the bias, in float32."""
+    y = tl.sum(acc, axis=1)
+    if HAS_SCALE:
+        y *= tl.load(s_ptr + rows, mask=n_mask, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
+    return y
 
 
 @triton.jit
 def gemv_epilogue(acc, rn, n_mask, s_ptr, b_ptr, y_ptr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """A GEMV's end (this one's and the int8 one's): reduce the element-wise partial sums of rows ``rn``, apply
-    the per-channel scale and the bias in float32, store in y's dtype."""
-    y = tl.sum(acc, axis=1)
-    if HAS_SCALE:
-        y *= tl.load(s_ptr + rn, mask=n_mask, other=0.0)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    """A GEMV's end (this one's and the int8 one's): rows ``rn`` reduced, scaled, biased, stored in y's dtype."""
+    y = _gemv_rows_out(acc, rn, n_mask, s_ptr, b_ptr, HAS_SCALE, HAS_BIAS)
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def gemv_silu_epilogue(
+    acc, acc_up, rn, n_mask, N, s_ptr, b_ptr, y_ptr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr
+):  # fmt: skip
+    """The end of a fused [gate | up] GEMV: gate rows ``rn`` and up rows ``N + rn`` rounded to y's dtype as the
+    product would store them, then ``_silu_and_mul_kernel``'s arithmetic: the same numbers, one kernel fewer."""
+    dtype = y_ptr.dtype.element_ty
+    gate = _gemv_rows_out(acc, rn, n_mask, s_ptr, b_ptr, HAS_SCALE, HAS_BIAS).to(dtype).to(tl.float32)
+    up = _gemv_rows_out(acc_up, N + rn, n_mask, s_ptr, b_ptr, HAS_SCALE, HAS_BIAS).to(dtype).to(tl.float32)
+    silu = tl.div_rn(gate, 1.0 + tl.exp(-gate)).to(dtype)
+    tl.store(y_ptr + rn, (silu.to(tl.float32) * up).to(dtype), mask=n_mask)
 
 
 def gemv(
@@ -327,14 +363,17 @@ def gemv(
     bias: torch.Tensor | None,
     config: GemvConfig,
     scale: torch.Tensor | None = None,
+    silu: bool = False,
 ) -> torch.Tensor:
     """``(x @ weight.T) * scale + bias`` for one row ``x`` [1, K] (contiguous) and a weight [N, K] with unit
-    stride along K (the scale, for int8 weights, per output channel)."""
+    stride along K (the scale, for int8 weights, per output channel). ``silu``: the weight is a fused
+    ``[gate | up]`` projection (N even) and the result ``silu(gate) * up`` [1, N / 2], as ``silu_and_mul``."""
     n, k = weight.shape
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, scale if scale is not None else weight, bias if bias is not None else weight, y, n,
-        weight.stride(0), K=k, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+    out = n // 2 if silu else n
+    y = torch.empty((1, out), dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(out, config.block_n),)](
+        x, weight, scale if scale is not None else weight, bias if bias is not None else weight, y, out,
+        weight.stride(0), K=k, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, SILU=silu,
         EVICT="evict_first" if config.evict else "",
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
         **pdl.launch(),

@@ -94,7 +94,8 @@ class GlmMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        h = self.gate_up_proj.forward_silu(x)  # one token on the GPU: SiLU-and-mul in the GEMV's epilogue
+        return self.down_proj(self.act(self.gate_up_proj(x)) if h is None else h)
 
 
 class GlmDecoderLayer(nn.Module):

@@ -79,6 +79,16 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
+    def forward_silu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``silu(gate) * up`` of this fused ``[gate | up]`` projection in one GEMV kernel, for one token on the
+        GPU with a tuned shape; None elsewhere (the caller multiplies, then ``SiluAndMul``)."""
+        w = self.weight
+        if not (x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and w.is_contiguous() and w.shape[0] % 2 == 0):
+            return None
+        ops = _fusable(x, w) if self.bias is None else _fusable(x, w, self.bias)
+        config = ops.GEMV_TUNED.get(tuple(w.shape)) if ops is not None else None
+        return None if config is None else ops.gemv(x, w, self.bias, config, silu=True)
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32, cast back, then scaled (the order transformers uses)."""

@@ -35,3 +35,13 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     y = F.linear(x, weight.to(x.dtype))
     y = y * scale.to(x.dtype) if x.dtype != torch.float32 else y * scale
     return y if bias is None else y + bias
+
+
+def int8_gemv_silu(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor | None:
+    """``silu(gate) * up`` of one CUDA token and a fused int8 ``[gate | up]`` weight in one GEMV kernel; None
+    where that kernel does not apply."""
+    from openautoglm.engine.quantization.triton_kernels import int8_gemv_silu as kernel
+
+    return kernel(x, weight, scale, bias)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from openautoglm.engine.quantization.fp8 import FP8_DTYPE, fp8_linear, quantize_fp8
-from openautoglm.engine.quantization.int8 import int8_linear, quantize_int8
+from openautoglm.engine.quantization.int8 import int8_gemv_silu, int8_linear, quantize_int8
 from openautoglm.protocol.errors import ConfigError
 
 # The linears of every decoder layer that are quantized; embeddings, lm_head and norms stay in full precision.
@@ -29,11 +29,13 @@ class QuantFormat:
     storage_dtype: torch.dtype
     quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    # silu(gate) * up of a fused [gate | up] weight in one kernel, or None where it does not apply
+    gemv_silu: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None] | None
 
 
 FORMATS: dict[str, QuantFormat] = {
-    "int8": QuantFormat("int8", torch.int8, quantize_int8, int8_linear),
-    "fp8": QuantFormat("fp8", FP8_DTYPE, quantize_fp8, fp8_linear),
+    "int8": QuantFormat("int8", torch.int8, quantize_int8, int8_linear, int8_gemv_silu),
+    "fp8": QuantFormat("fp8", FP8_DTYPE, quantize_fp8, fp8_linear, None),
 }
 
 
@@ -72,6 +74,13 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.format.linear(x, self.weight, self.weight_scale, self.bias)
+
+    def forward_silu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``silu(gate) * up`` of this fused ``[gate | up]`` projection in one kernel where the format has such a
+        GEMV (int8, one token on the GPU); None elsewhere (the caller multiplies, then ``SiluAndMul``)."""
+        if self.format.gemv_silu is None or not x.is_cuda or x.dim() != 2:
+            return None
+        return self.format.gemv_silu(x, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
         return (

@@ -4,6 +4,8 @@
   of int8 weights once and accumulate in float32: a CUDA-core GEMV for one token, tensor-core tiles for a few,
   and for many tokens (compute-bound) a one-pass dequantization to the activation dtype followed by cuBLAS.
   The per-output-channel scale factors out of the K sum, so it is applied once in the epilogue.
+- ``int8_gemv_silu``: one token through a fused int8 ``[gate | up]`` projection, ``silu(gate) * up`` computed in
+  the GEMV's epilogue (one kernel where the MLP launched two).
 - ``fp8_gemv``: the W8A8 product for one token on CUDA cores (``_scaled_mm`` pads one row to a full tile).
 - ``per_token_fp8_quant``: one pass per row: absolute max, scale = amax / 448, values cast to float8 e4m3.
 
@@ -27,7 +29,7 @@ import triton
 import triton.language as tl
 
 from openautoglm.engine import pdl
-from openautoglm.engine.models.fused_ops import GemvConfig, gemv, gemv_epilogue
+from openautoglm.engine.models.fused_ops import GemvConfig, gemv, gemv_epilogue, gemv_silu_epilogue
 
 FP8_E4M3_MAX = 448.0
 _SIGN_BITS = tl.constexpr(-2139062144)  # 0x80808080: xor-ing it biases each int8 byte b to the unsigned b + 128
@@ -55,15 +57,16 @@ class Int8Config:
 TUNED_CONFIGS: dict[tuple[int, int, int], Int8Config] = {}
 
 
-# One token: launch shapes from a sweep on an H100 inside the engine's batch-1 decode graph (launch attribute on,
-# best of two captures, 60 replays each; ms per step against the earlier shapes' 4.17): qkv one row of 256 on
-# 2 warps (4.11), gate_up one row of 512 on 2 warps (4.02), down one row of 2,048 on 8 warps (4.14); o keeps 8
-# rows of 2,048 on 4 warps. One row per program with at most two words per thread keeps x's layout the
-# weights' (more rows or words per thread make Triton move x through shared memory on every tile).
+# One token: launch shapes from sweeps on an H100 inside the engine's batch-1 decode graph (launch attribute on,
+# best of two captures of 60 replays, ms per step against the earlier shapes' 4.17): qkv one row of 256 on 2 warps
+# (4.11), down one row of 2,048 on 8 warps (4.14); o keeps 8 rows of 2,048 on 4 warps; gate_up, with SiLU-and-mul
+# in its epilogue, one row of 1,024 on 4 warps (3.82 against 3.87 with one row of 512 on 2 warps). One row per
+# program and at most two words per thread keep x in the weights' layout (more rows or words per thread make
+# Triton move x through shared memory on every tile).
 _INT8_GEMV: dict[tuple[int, int], Int8Config] = {
     (4608, 4096): Int8Config("gemv", 1, 1, 256, num_warps=2, evict=True),
     (4096, 4096): Int8Config("gemv", 1, 8, 2048, num_warps=4, evict=True),
-    (27392, 4096): Int8Config("gemv", 1, 1, 512, num_warps=2, evict=True),
+    (27392, 4096): Int8Config("gemv", 1, 1, 1024, num_warps=4, evict=True),
     (4096, 13696): Int8Config("gemv", 1, 1, 2048, num_warps=8, evict=True),
 }
 
@@ -145,23 +148,36 @@ def _int8_words(w_ptrs, n_mask, rw, kw0, KW: tl.constexpr, EVEN_N: tl.constexpr,
 
 
 @triton.jit
+def _int8_rows(w_ptrs, words, x_ptr, n_mask, rw, KW: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_N: tl.constexpr,
+               EVEN_K: tl.constexpr, EVICT: tl.constexpr):  # fmt: skip
+    """Element-wise float32 partial sums of the rows at ``w_ptrs`` times x, from their first tile ``words``;
+    reduced once at the end, no cross-thread reduction inside the loop."""
+    acc = _int8_tile_fma(tl.zeros(words.shape, tl.float32), words, x_ptr, 0, KW, BLOCK_W, EVEN_K)
+    for kw0 in range(BLOCK_W, KW, BLOCK_W):
+        words = _int8_words(w_ptrs + kw0, n_mask, rw, kw0, KW, EVEN_N, EVEN_K, EVICT)
+        acc = _int8_tile_fma(acc, words, x_ptr, kw0, KW, BLOCK_W, EVEN_K)
+    return acc
+
+
+@triton.jit
 def _int8_gemv_kernel(
     x_ptr,
     w_ptr,
     s_ptr,
     b_ptr,
     y_ptr,
-    N,
+    N,  # output features (with SILU: half the weight's rows)
     stride_wn,
     KW: tl.constexpr,  # K / 4: the words of a row
     HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,  # a fused [gate | up] weight: y = silu(gate) * up (fused_ops.gemv_silu_epilogue)
     EVICT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0
     PDL: tl.constexpr,
 ):
-    # w_ptr is the int32 view of the weight ([N, K / 4] words) and stride_wn counts words.
+    # w_ptr is the int32 view of the weight ([rows, K / 4] words) and stride_wn counts words.
     EVEN_K: tl.constexpr = KW % BLOCK_W == 0
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -170,13 +186,16 @@ def _int8_gemv_kernel(
     w_ptrs = w_ptr + rn[:, None] * stride_wn + rw[None, :]
     # The first tile is read before waiting for the previous kernel (no kernel of a step writes weights).
     words = _int8_words(w_ptrs, n_mask, rw, 0, KW, EVEN_N, EVEN_K, EVICT)
+    if SILU:  # and the up rows' (N rows further down)
+        up_ptrs = w_ptr + (N + rn)[:, None] * stride_wn + rw[None, :]
+        up_words = _int8_words(up_ptrs, n_mask, rw, 0, KW, EVEN_N, EVEN_K, EVICT)
     pdl.begin(PDL)
-    # Element-wise partial sums, reduced once at the end: no cross-thread reduction inside the loop.
-    acc = _int8_tile_fma(tl.zeros((BLOCK_N, BLOCK_W), tl.float32), words, x_ptr, 0, KW, BLOCK_W, EVEN_K)
-    for kw0 in range(BLOCK_W, KW, BLOCK_W):
-        words = _int8_words(w_ptrs + kw0, n_mask, rw, kw0, KW, EVEN_N, EVEN_K, EVICT)
-        acc = _int8_tile_fma(acc, words, x_ptr, kw0, KW, BLOCK_W, EVEN_K)
-    gemv_epilogue(acc, rn, n_mask, s_ptr, b_ptr, y_ptr, True, HAS_BIAS)
+    acc = _int8_rows(w_ptrs, words, x_ptr, n_mask, rw, KW, BLOCK_W, EVEN_N, EVEN_K, EVICT)
+    if SILU:
+        acc_up = _int8_rows(up_ptrs, up_words, x_ptr, n_mask, rw, KW, BLOCK_W, EVEN_N, EVEN_K, EVICT)
+        gemv_silu_epilogue(acc, acc_up, rn, n_mask, N, s_ptr, b_ptr, y_ptr, True, HAS_BIAS)
+    else:
+        gemv_epilogue(acc, rn, n_mask, s_ptr, b_ptr, y_ptr, True, HAS_BIAS)
 
 
 @triton.jit
@@ -276,27 +295,57 @@ def int8_weight_only_matmul(
     packed = cfg.packed and _packable(weight)
     if cfg.path == "dequant" and packed:
         return torch.nn.functional.linear(x, int8_dequantize(weight, scale, x.dtype), bias)
+    if cfg.path == "gemv" and m == 1:
+        return _int8_gemv(x, weight, scale, bias, cfg, packed, silu=False)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
     bias_arg = bias if bias is not None else scale  # unread when HAS_BIAS is False
-    if cfg.path == "gemv" and m == 1:
-        if not packed:  # the plain GEMV reads the int8 bytes as they are
-            gemv_cfg = GemvConfig(cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.evict)
-            return gemv(x, weight, bias, gemv_cfg, scale)
-        w = weight.view(torch.int32)
-        _int8_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-            x, w, scale, bias_arg, y, n, w.stride(0), KW=k // 4, HAS_BIAS=bias is not None,
-            EVICT="evict_first" if cfg.evict else "", BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_k // 4,
-            EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch(),
-        )  # fmt: skip
-        return y
     mma = cfg if cfg.path == "mma" else int8_config(min(m, 64), n, k)
     grid = (triton.cdiv(n, mma.block_n), triton.cdiv(m, mma.block_m))
     _int8_mma_kernel[grid](
         x, weight, scale, bias_arg, y, m, n, x.stride(0), weight.stride(0), y.stride(0), K=k,
         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_M=mma.block_m, BLOCK_N=mma.block_n,
         BLOCK_K=mma.block_k, num_warps=mma.num_warps, num_stages=mma.num_stages,
+    )  # fmt: skip
+    return y
+
+
+def int8_gemv_silu(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """``silu(gate) * up`` [1, N / 2] of one token ``x`` [1, K] and a fused int8 ``[gate | up]`` weight [N, K],
+    in one GEMV kernel; None where the one-token GEMV does not apply (the caller multiplies, then SiLU-and-mul)."""
+    if x.shape[0] != 1 or weight.shape[0] % 2:
+        return None
+    cfg = int8_config(1, weight.shape[0], x.shape[1])
+    if cfg.path != "gemv":
+        return None
+    x = x if x.stride(1) == 1 else x.contiguous()
+    return _int8_gemv(x, weight, scale, bias, cfg, cfg.packed and _packable(weight), silu=True)
+
+
+def _int8_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: Int8Config,
+    packed: bool,
+    silu: bool,
+) -> torch.Tensor:
+    if not packed:  # the plain GEMV reads the int8 bytes as they are
+        gemv_cfg = GemvConfig(cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.evict)
+        return gemv(x, weight, bias, gemv_cfg, scale, silu=silu)
+    n, k = weight.shape
+    out = n // 2 if silu else n
+    y = torch.empty((1, out), dtype=x.dtype, device=x.device)
+    w = weight.view(torch.int32)
+    _int8_gemv_kernel[(triton.cdiv(out, cfg.block_n),)](
+        x, w, scale, bias if bias is not None else scale, y, out, w.stride(0), KW=k // 4,
+        HAS_BIAS=bias is not None, SILU=silu, EVICT="evict_first" if cfg.evict else "", BLOCK_N=cfg.block_n,
+        BLOCK_W=cfg.block_k // 4, EVEN_N=out % cfg.block_n == 0, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **pdl.launch(),
     )  # fmt: skip
     return y
 
