@@ -127,7 +127,7 @@ class Sampler:
         n = len(requests)
         if n == 0:
             return SamplerOutput([], [])
-        plan = plan or _plan(requests)
+        plan = plan if plan is not None else _plan(requests)
         modified = plan.modified()
         if not plan.random and not modified:  # the common greedy case: one argmax, nothing else
             tokens = logits.argmax(-1)

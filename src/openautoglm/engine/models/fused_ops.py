@@ -232,16 +232,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if rows.shape[0]:
         block = 1024
         _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(d, block))](
-            rows,
-            out,
-            rows.stride(0),
-            out.stride(0),
-            d,
-            BLOCK=block,
-            num_warps=4,
-            enable_fp_fusion=False,
+            rows, out, rows.stride(0), out.stride(0), d, BLOCK=block, num_warps=4, enable_fp_fusion=False,
             **pdl.launch(),
-        )
+        )  # fmt: skip
     return out.view(*x.shape[:-1], d)
 
 

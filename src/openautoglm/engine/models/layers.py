@@ -13,7 +13,7 @@ import functools
 import importlib.util
 from collections.abc import Iterator
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -62,14 +62,23 @@ def _fusable(*tensors: torch.Tensor) -> ModuleType | None:
     return _fused_ops()
 
 
+def _gemv_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[ModuleType, Any] | None:
+    """The fused kernels and the GEMV's launch shape for one token row on CUDA in bf16/fp16 and a weight shape
+    the GEMV was tuned for; None elsewhere."""
+    if not (x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and weight.is_contiguous()):
+        return None
+    ops = _fusable(x, weight) if bias is None else _fusable(x, weight, bias)
+    config = ops.GEMV_TUNED.get(tuple(weight.shape)) if ops is not None else None
+    return None if config is None else (ops, config)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``; for one token row on CUDA in bf16/fp16 with a weight shape the GEMV was tuned for, the
     Triton GEMV (``fused_ops.gemv``), which streams the weight faster than cuBLAS there."""
-    if x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and weight.is_contiguous():
-        ops = _fusable(x, weight) if bias is None else _fusable(x, weight, bias)
-        config = ops.GEMV_TUNED.get(tuple(weight.shape)) if ops is not None else None
-        if config is not None:
-            return ops.gemv(x, weight, bias, config)
+    path = _gemv_path(x, weight, bias)
+    if path is not None:
+        ops, config = path
+        return ops.gemv(x, weight, bias, config)
     return F.linear(x, weight, bias)
 
 
@@ -82,12 +91,11 @@ class Linear(nn.Linear):
     def forward_silu(self, x: torch.Tensor) -> torch.Tensor | None:
         """``silu(gate) * up`` of this fused ``[gate | up]`` projection in one GEMV kernel, for one token on the
         GPU with a tuned shape; None elsewhere (the caller multiplies, then ``SiluAndMul``)."""
-        w = self.weight
-        if not (x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and w.is_contiguous() and w.shape[0] % 2 == 0):
+        path = _gemv_path(x, self.weight, self.bias) if self.weight.shape[0] % 2 == 0 else None
+        if path is None:
             return None
-        ops = _fusable(x, w) if self.bias is None else _fusable(x, w, self.bias)
-        config = ops.GEMV_TUNED.get(tuple(w.shape)) if ops is not None else None
-        return None if config is None else ops.gemv(x, w, self.bias, config, silu=True)
+        ops, config = path
+        return ops.gemv(x, self.weight, self.bias, config, silu=True)
 
 
 class RMSNorm(nn.Module):

@@ -224,14 +224,10 @@ class WorkerGroup:
         return not aborter.is_alive()
 
     def _exit_reason(self, i: int, when: str) -> str:
-        conn, proc = self._reports[i], self.procs[i]
-        try:
-            if conn.poll(1.0):
-                kind, payload = conn.recv()
-                if kind == "failed":
-                    return f"tensor-parallel rank {i + 1} (pid {proc.pid}) failed {when}: {payload}"
-        except (EOFError, OSError):
-            pass  # it died before reporting: its exit code below says how
+        proc = self.procs[i]
+        failure = _reported_failure(self._reports[i])
+        if failure is not None:
+            return f"tensor-parallel rank {i + 1} (pid {proc.pid}) failed {when}: {failure}"
         deadline = time.monotonic() + 2.0
         while proc.exitcode is None and time.monotonic() < deadline:
             time.sleep(0.02)  # not join(): another thread may be reaping it, and then join() sees nothing
@@ -288,3 +284,15 @@ def _stop_workers(
             proc.join(5.0)
     for conn in (*commands, *reports):
         conn.close()
+
+
+def _reported_failure(conn: Connection) -> Any | None:
+    """What a worker reported as its failure, if it reported one within a second; None when it reported nothing
+    or died before it could (its exit code then says how)."""
+    try:
+        if conn.poll(1.0):
+            kind, payload = conn.recv()
+            return payload if kind == "failed" else None
+    except (EOFError, OSError):
+        return None
+    return None

@@ -296,7 +296,7 @@ def int8_weight_only_matmul(
     if cfg.path == "dequant" and packed:
         return torch.nn.functional.linear(x, int8_dequantize(weight, scale, x.dtype), bias)
     if cfg.path == "gemv" and m == 1:
-        return _int8_gemv(x, weight, scale, bias, cfg, packed, silu=False)
+        return _int8_gemv(x, weight, scale, bias, cfg, silu=False)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
@@ -322,7 +322,7 @@ def int8_gemv_silu(
     if cfg.path != "gemv":
         return None
     x = x if x.stride(1) == 1 else x.contiguous()
-    return _int8_gemv(x, weight, scale, bias, cfg, cfg.packed and _packable(weight), silu=True)
+    return _int8_gemv(x, weight, scale, bias, cfg, silu=True)
 
 
 def _int8_gemv(
@@ -331,10 +331,9 @@ def _int8_gemv(
     scale: torch.Tensor,
     bias: torch.Tensor | None,
     cfg: Int8Config,
-    packed: bool,
     silu: bool,
 ) -> torch.Tensor:
-    if not packed:  # the plain GEMV reads the int8 bytes as they are
+    if not (cfg.packed and _packable(weight)):  # the plain GEMV reads the int8 bytes as they are
         gemv_cfg = GemvConfig(cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.evict)
         return gemv(x, weight, bias, gemv_cfg, scale, silu=silu)
     n, k = weight.shape
