@@ -6,6 +6,10 @@ sequences into one ragged batch (``query_start_loc`` gives each sequence's span)
 once; every attention layer then calls ``backend.forward`` with its own q/k/v and cache tensor. The backend writes
 the new keys/values to their slots *before* attending, so a sequence can attend to tokens written in this same
 step (chunked prefill and prefix sharing within a step rely on it).
+
+Models rotate query and key themselves, except where the backend says ``fuses_rotary``: the model then hands
+them over unrotated with the step's ``Rotary`` and the backend rotates them in the kernel that writes the cache
+(one kernel per layer fewer on the GPU decode path). The model asks for the capability, never for a backend.
 """
 
 from __future__ import annotations
@@ -33,10 +37,20 @@ class AttentionMetadata:
     num_decodes: int = 0
 
 
+@dataclass(slots=True, frozen=True)
+class Rotary:
+    """GLM's rotary position embedding for a backend to apply: pairs (x[2i], x[2i+1]) of the first
+    ``2 * cos.shape[-1]`` dims of every query and key head turn by the token's angle; the other dims pass."""
+
+    cos: torch.Tensor  # [num_tokens, 1, rotary_dim / 2]
+    sin: torch.Tensor  # [num_tokens, 1, rotary_dim / 2]
+
+
 class AttentionBackend(ABC):
     """Causal attention over a paged KV cache for a ragged batch of sequences."""
 
     name: str = "abstract"
+    fuses_rotary: bool = False  # True: ``forward`` takes ``rotary`` and rotates query and key itself
 
     @abstractmethod
     def forward(
@@ -47,8 +61,10 @@ class AttentionBackend(ABC):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         scale: float,
+        rotary: Rotary | None = None,  # only where ``fuses_rotary``
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        """Write key/value into ``kv_cache`` at ``metadata.slot_mapping``, then attend causally."""
+        """Write key/value into ``kv_cache`` at ``metadata.slot_mapping``, then attend causally; with ``rotary``,
+        rotate query and key first."""
 
 
 @dataclass(slots=True)

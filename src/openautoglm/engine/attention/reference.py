@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from openautoglm.engine.attention.base import AttentionBackend, AttentionMetadata
+from openautoglm.engine.attention.base import AttentionBackend, AttentionMetadata, Rotary
 from openautoglm.protocol.errors import InternalError
 
 
@@ -89,7 +89,10 @@ class ReferenceAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        rotary: Rotary | None = None,
     ) -> torch.Tensor:
+        if rotary is not None:
+            raise InternalError("the reference attention backend does not fuse the rotary; rotate before forward")
         _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
         plan = self._plan_for(metadata, block_size, query.device)
         k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)

@@ -75,11 +75,13 @@ class GlmAttention(nn.Module):
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         qkv = self.qkv_proj(h)
         n, qk_size = qkv.shape[0], self.q_size + self.kv_size
-        # q and k sit side by side in the fused output: rotate them with one call.
-        qk = apply_rotary(qkv[:, :qk_size].view(n, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+        qk = qkv[:, :qk_size].view(n, self.num_heads + self.num_kv_heads, self.head_dim)
+        rotary = self.attn.backend_rotary(ctx, qk, cos, sin)
+        if rotary is None:  # q and k sit side by side in the fused output: rotate them with one call
+            qk = apply_rotary(qk, cos, sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, qk_size:].view(n, self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn(q, k, v, ctx))
+        return self.o_proj(self.attn(q, k, v, ctx, rotary))
 
 
 class GlmMLP(nn.Module):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openautoglm.engine.attention.base import ForwardContext
+from openautoglm.engine.attention.base import ForwardContext, Rotary
 
 if TYPE_CHECKING:
     from openautoglm.engine.parallel.context import TensorParallel
@@ -219,8 +219,17 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.scale = head_dim**-0.5
 
+    def backend_rotary(
+        self, ctx: ForwardContext, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> Rotary | None:
+        """The rotary to hand the backend with unrotated q and k, where the backend fuses it (on the fused
+        path: CUDA, bf16/fp16, unit-stride cos/sin); None where the caller rotates them (``apply_rotary``)."""
+        if not ctx.backend.fuses_rotary or _fusable(qk, cos, sin) is None:
+            return None
+        return Rotary(cos, sin) if cos.stride(-1) == 1 and sin.stride(-1) == 1 else None
+
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, rotary: Rotary | None = None
     ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
-        out = ctx.backend.forward(q, k, v, ctx.kv_caches[self.layer_idx], ctx.metadata, self.scale)
+        out = ctx.backend.forward(q, k, v, ctx.kv_caches[self.layer_idx], ctx.metadata, self.scale, rotary)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
