@@ -1,9 +1,11 @@
 """Triton paged attention for CUDA GPUs: bf16/fp16 storage, fp32 accumulation.
 
-Three kernels over the cache layout of ``attention/base.py`` (``[2, num_blocks, block_size, kv_heads, dim]``):
+Kernels over the cache layout of ``attention/base.py`` (``[2, num_blocks, block_size, kv_heads, dim]``):
 
 - ``reshape_and_cache``: one program per new token copies its keys and values into their cache slot; a slot
-  below 0 is skipped.
+  below 0 is skipped. ``rotate_and_cache`` does the same with GLM's rotary folded in (``fuses_rotary``): it
+  rotates the query heads in place and writes the keys rotated, one kernel where the model's rotary and the
+  cache write were two.
 - decode (query_len 1, GQA): one program per (sequence, kv head, split) holds every query head of that kv
   head's group as the rows of one matrix product, so each cached key and value is read once per group.
   Long contexts are split along the keys (flash-decoding); a second kernel merges the splits by their
@@ -26,8 +28,9 @@ import triton
 import triton.language as tl
 
 from openautoglm.engine import pdl
-from openautoglm.engine.attention.base import AttentionBackend, AttentionMetadata
-from openautoglm.protocol.errors import EngineError
+from openautoglm.engine.attention.base import AttentionBackend, AttentionMetadata, Rotary
+from openautoglm.engine.rotary_math import rotate_pairs
+from openautoglm.protocol.errors import EngineError, InternalError
 
 _LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
@@ -63,6 +66,71 @@ def _reshape_and_cache_kernel(
         tl.store(cache_ptr + dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
         v = tl.load(value_ptr + t.to(tl.int64) * stride_vt + h * stride_vh + d, mask=mask)
         tl.store(cache_ptr + v_offset + dst, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotate_and_cache_kernel(
+    q_ptr,
+    key_ptr,
+    value_ptr,
+    cache_ptr,
+    slot_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cos,
+    stride_sin,
+    v_offset,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_KV: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    # Program (token, j): j < cdiv(NUM_HEADS, BLOCK_H) rotates a block of query heads in place; the last j
+    # rotates the token's keys into its cache slot and copies its values there (slot < 0: skipped).
+    pdl.begin(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    pairs = tl.arange(0, BLOCK_HALF)
+    pmask = pairs < HALF
+    dtype = cache_ptr.dtype.element_ty
+    cos = tl.load(cos_ptr + t * stride_cos + pairs, mask=pmask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + t * stride_sin + pairs, mask=pmask, other=0.0).to(tl.float32)[None, :]
+    if j * BLOCK_H < NUM_HEADS:
+        heads = j * BLOCK_H + tl.arange(0, BLOCK_H)
+        qp = q_ptr + t * stride_qt + heads[:, None] * stride_qh + 2 * pairs[None, :]
+        mask = (heads[:, None] < NUM_HEADS) & pmask[None, :]
+        o1, o2 = rotate_pairs(tl.load(qp, mask=mask), tl.load(qp + 1, mask=mask), cos, sin, dtype)
+        tl.store(qp, o1.to(dtype), mask=mask)
+        tl.store(qp + 1, o2.to(dtype), mask=mask)
+    else:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:
+            h = tl.arange(0, BLOCK_KV)[:, None]
+            dst = cache_ptr + slot * (NUM_KV_HEADS * HEAD_DIM) + h * HEAD_DIM
+            kp = key_ptr + t * stride_kt + h * stride_kh
+            mask = (h < NUM_KV_HEADS) & pmask[None, :]
+            k1 = tl.load(kp + 2 * pairs[None, :], mask=mask)
+            k2 = tl.load(kp + 2 * pairs[None, :] + 1, mask=mask)
+            o1, o2 = rotate_pairs(k1, k2, cos, sin, dtype)
+            tl.store(dst + 2 * pairs[None, :], o1.to(dtype), mask=mask)
+            tl.store(dst + 2 * pairs[None, :] + 1, o2.to(dtype), mask=mask)
+            d = tl.arange(0, BLOCK_D)[None, :]
+            row = (h < NUM_KV_HEADS) & (d < HEAD_DIM)
+            rest = row & (d >= 2 * HALF)  # the dims the rotary passes through
+            tl.store(dst + d, tl.load(kp + d, mask=rest).to(dtype), mask=rest)
+            v = tl.load(value_ptr + t * stride_vt + h * stride_vh + d, mask=row)
+            tl.store(dst + v_offset + d, v.to(dtype), mask=row)
 
 
 @triton.jit
@@ -252,7 +320,7 @@ def decode_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
     """Key splits for a decode batch: enough programs to fill the GPU about twice. A function of the batch size
     (rounded up to a power of two) alone, so a graph bucket and an eager batch of that size agree."""
     splits = max(1, min(MAX_SPLITS, (2 * num_sms) // (_pow2(num_seqs) * num_kv_heads)))
-    return 1 << (splits.bit_length() - 1)  # a power of two: the merge kernel spans the splits with tl.arange
+    return 1 << (splits.bit_length() - 1)  # a power of two, as the graph buckets are
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
@@ -273,11 +341,42 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
     )  # fmt: skip
 
 
+def rotate_and_cache(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slots: torch.Tensor,
+    rotary: Rotary,
+) -> None:
+    """Rotate ``query [T, heads, dim]`` in place and write the rotated ``key`` and ``value [T, kv_heads, dim]``
+    into ``kv_cache`` at ``slots [T]`` (slots < 0 skipped), in one launch: ``reshape_and_cache`` with the
+    rotary of the query and key heads folded in. ``key`` itself is left as it came."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    cos, sin = rotary.cos, rotary.sin
+    if key.stride(2) != 1 or value.stride(2) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        raise InternalError("rotate_and_cache: key, value, cos and sin need a unit stride in their last dimension")
+    if num_tokens == 0:
+        return
+    half = cos.shape[-1]
+    block_h = min(8, _pow2(num_heads))
+    _rotate_and_cache_kernel[(num_tokens, triton.cdiv(num_heads, block_h) + 1)](
+        query, key, value, kv_cache, slots, cos, sin,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        cos.stride(0), sin.stride(0), kv_cache[0].numel(),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half, BLOCK_H=block_h,
+        BLOCK_KV=_pow2(num_kv_heads), BLOCK_HALF=_pow2(half), BLOCK_D=_pow2(head_dim),
+        num_warps=2, enable_fp_fusion=False, **pdl.launch(),
+    )  # fmt: skip
+
+
 class TritonPagedAttentionBackend(AttentionBackend):
     """Paged attention with Triton kernels; decodes first, then prefill chunks, as ``AttentionMetadata`` orders
     them. The query/key/value views may be strided (slices of a fused projection) with contiguous head dims."""
 
     name = "triton"
+    fuses_rotary = True
 
     def __init__(self, device: torch.device, *, block_n_decode: int = 64, block_m: int = 64, block_n: int = 64):
         self.device = device
@@ -294,6 +393,7 @@ class TritonPagedAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        rotary: Rotary | None = None,
     ) -> torch.Tensor:
         if kv_cache.dtype not in SUPPORTED_DTYPES or query.dtype != kv_cache.dtype:
             raise EngineError(
@@ -303,7 +403,10 @@ class TritonPagedAttentionBackend(AttentionBackend):
         if query.stride(2) != 1:
             query = query.contiguous()
         n = metadata.num_tokens
-        reshape_and_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping[:n])
+        if rotary is None:
+            reshape_and_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping[:n])
+        else:
+            rotate_and_cache(query[:n], key[:n], value[:n], kv_cache, metadata.slot_mapping[:n], rotary)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         nd = metadata.num_decodes
         if nd:

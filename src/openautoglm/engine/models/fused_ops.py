@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from openautoglm.engine import pdl
+from openautoglm.engine.rotary_math import rotate_pairs
 from openautoglm.protocol.errors import InternalError
 
 
@@ -130,11 +131,9 @@ def _rotary_kernel(
     sin = tl.load(sin_ptr + tok * stride_sin + pairs, mask=pmask, other=0.0).to(tl.float32)[None, :]
     offs = tok * stride_tok + heads[:, None].to(tl.int64) * stride_head + 2 * pairs[None, :]
     mask = (heads[:, None] < n_heads) & pmask[None, :]
-    x1 = tl.load(qk_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(qk_ptr + offs + 1, mask=mask, other=0.0).to(tl.float32)
-    # Each product rounded to the model dtype before the sum: the torch path's x1 * cos - x2 * sin.
-    o1 = (x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)
-    o2 = (x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)
+    x1 = tl.load(qk_ptr + offs, mask=mask, other=0.0)
+    x2 = tl.load(qk_ptr + offs + 1, mask=mask, other=0.0)
+    o1, o2 = rotate_pairs(x1, x2, cos, sin, dtype)
     tl.store(qk_ptr + offs, o1.to(dtype), mask=mask)
     tl.store(qk_ptr + offs + 1, o2.to(dtype), mask=mask)
 
