@@ -242,6 +242,11 @@ class ModelRunner:
         # Eager one-token steps (a prompt whose blocks are all cached) run the kernels without that launch
         # attribute, compiled apart: compiled here, not on a user's first such request (0.5-0.9 s on an H100).
         self._decode_logits(1, ForwardContext(inputs.decode_metadata(1), self.kv_caches, self.backend))
+        # So does the prefill attention's variant for 2-16 new tokens (a short prompt, or a prompt's tail after
+        # its cached blocks): compiled here on two tokens against the null block, not on a user's request.
+        md = build_metadata([2], [0], [[NULL_BLOCK_ID]], self.block_size, self.device)
+        ctx = ForwardContext(md, self.kv_caches, self.backend)
+        self.model.compute_logits(self.model.forward(inputs.ids[:2], inputs.positions[:2], ctx)[-1:])
         torch.cuda.synchronize(self.device)
         logger.info(
             "Open-AutoGLM: captured %d decode CUDA graphs (batch 1..%d) in %.1f s",
