@@ -263,13 +263,15 @@ def test_gpu_tp2_greedy_equals_tp1(tmp_path: Path, engines: list[LLM]) -> None:
 
 @pytest.mark.gpu
 @two_gpus
+@pytest.mark.skipif(
+    torch.cuda.device_count() >= 2 and not torch.cuda.can_device_access_peer(0, 1),
+    reason="the two GPUs cannot reach each other: no one-shot all-reduce",
+)
 def test_gpu_one_shot_all_reduce_with_norms_equals_nccl(tmp_path: Path, engines: list[LLM]) -> None:
     """Decode steps whose all-reduces run in the one-shot kernel, with the residual add and norms after them in
     the same kernel, against NCCL's all-reduce and the separate norm kernel: over two ranks both sum each element
     in one rounding, so tokens and logprobs must be equal, not near. glm-4-9b-chat-hf's shapes: no sandwich norms
     (the other test's model has them)."""
-    if not torch.cuda.can_device_access_peer(0, 1):
-        pytest.skip("the two GPUs cannot reach each other: no one-shot all-reduce")
     path = _glm9b_dir(tmp_path, 4, "glm-4-9b-chat-hf")
     config = _gpu_config(path, 2)
     fast = LLM(config)

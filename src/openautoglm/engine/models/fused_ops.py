@@ -21,8 +21,8 @@ for shapes in ``GEMV_TUNED`` (measured faster than cuBLAS there; docs/performanc
 takes a fused ``[gate | up]`` weight and ends in SiLU-and-mul (``gemv_silu_epilogue``): one kernel fewer per layer,
 the same numbers as the GEMV followed by ``silu_and_mul`` (H100, GLM-4-9B shapes: 0.06 ms per decode step).
 
-Only ``layers.py`` imports this module, lazily: it needs Triton, which CPU-only installs of Open-AutoGLM do
-not have.
+``layers.py`` imports this module lazily, and other Triton modules (the int8 kernels, the one-shot all-reduce)
+import parts of it: it needs Triton, which CPU-only installs of Open-AutoGLM do not have.
 """
 
 from __future__ import annotations

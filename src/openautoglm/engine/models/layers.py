@@ -177,6 +177,14 @@ class RotaryEmbedding(nn.Module):
         return cs[:, :1], cs[:, 1:]
 
 
+def _rotary_fusable(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> ModuleType | None:
+    """The fused kernels where a Triton kernel may rotate ``x`` by ``cos``/``sin``: the fused path's tensors with
+    unit-stride last dimensions (the kernels' layout); None elsewhere."""
+    if x.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        return None
+    return _fusable(x, cos, sin)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) in the first ``2 * cos.shape[-1]`` dims of ``x [T, heads, D]``.
 
@@ -184,8 +192,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     Returns the rotated tensor: on the fused path that is ``x`` itself, rotated in place (one launch for the q
     and k heads of a fused projection, no copy of the pass-through dims); otherwise a new tensor.
     """
-    fused = _fusable(x, cos, sin)
-    if fused is not None and x.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1:
+    fused = _rotary_fusable(x, cos, sin)
+    if fused is not None:
         fused.rotary_(x, cos, sin)
         return x
     rot = 2 * cos.shape[-1]
@@ -222,11 +230,10 @@ class Attention(nn.Module):
     def backend_rotary(
         self, ctx: ForwardContext, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> Rotary | None:
-        """The rotary to hand the backend with unrotated q and k, where the backend fuses it (on the fused
-        path: CUDA, bf16/fp16, unit-stride cos/sin); None where the caller rotates them (``apply_rotary``)."""
-        if not ctx.backend.fuses_rotary or _fusable(qk, cos, sin) is None:
-            return None
-        return Rotary(cos, sin) if cos.stride(-1) == 1 and sin.stride(-1) == 1 else None
+        """The rotary to hand the backend with unrotated q and k, where the backend fuses it and a kernel could
+        rotate them (``_rotary_fusable``); None where the caller rotates them (``apply_rotary``)."""
+        fused = ctx.backend.fuses_rotary and _rotary_fusable(qk, cos, sin) is not None
+        return Rotary(cos, sin) if fused else None
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, rotary: Rotary | None = None
