@@ -43,12 +43,16 @@ def test_cli_errors_are_one_clear_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_bench_offline_reports_json() -> None:
-    out = _run("bench", "offline", "--num-requests", "4", "--input-len", "8:16", "--output-len", "4", "--json")
+def test_bench_offline_reports_json_beside_the_transformers_reference() -> None:
+    args = ("--num-requests", "4", "--input-len", "8:16", "--output-len", "4", "--compare-transformers", "--json")
+    out = _run("bench", "offline", *args)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    engine = result["results"][0]
-    assert engine["num_requests"] == 4 and engine["output_tokens"] == 16
+    engine, reference = result["results"]
+    assert engine["num_requests"] == reference["num_requests"] == 4
+    assert engine["input_tokens"] == reference["input_tokens"]  # the same prompts
+    assert engine["output_tokens"] == reference["output_tokens"] == 16
+    assert reference["name"] == "transformers generate_batch" and result["output_tokens_per_s_ratio"] > 0
 
 
 @pytest.mark.slow

@@ -13,13 +13,8 @@ from rich.table import Table
 from openautoglm.cli.common import TensorParallelOpt, build_settings, handle_errors, setup_logging
 from openautoglm.engine.core import resolve_device, resolve_dtype
 from openautoglm.engine.loader import resolve_checkpoint
-from openautoglm.ops.bench_offline import (
-    Throughput,
-    bench_engine,
-    bench_transformers,
-    parse_range,
-    synthetic_prompts,
-)
+from openautoglm.ops.bench_offline import Throughput, bench_engine, parse_range, synthetic_prompts
+from openautoglm.ops.bench_reference import ReferenceJob, measure_reference
 
 bench_app = typer.Typer(help="Benchmarks: throughput and latency, measured against a reference in the same run.")
 
@@ -48,9 +43,9 @@ def offline(
     results = [bench_engine(settings.engine, prompts, output_len)]
     if compare_transformers:
         device = resolve_device(settings.engine.model.device)
-        results.append(
-            bench_transformers(str(path), prompts, output_len, resolve_dtype(settings.engine.model.dtype, device))
-        )
+        dtype = str(resolve_dtype(settings.engine.model.dtype, device)).removeprefix("torch.")
+        job = ReferenceJob(str(path), prompts, output_len, dtype=dtype, device=str(device), warmup=prompts[:8])
+        results.append(measure_reference(job))
     _report(results, as_json)
 
 

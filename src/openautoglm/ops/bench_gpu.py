@@ -10,7 +10,7 @@ Each figure sits beside its reference, measured in the same run:
 - ``serve_latency``: ``bench serve`` (TTFT, TPOT, ITL) against ``autoglm serve`` with the same engine settings
   (a subprocess), at concurrency 1, 16 and 64 with 512-token prompts and 128 output tokens.
 - ``transformers_generate_batch``: transformers' continuous batching on the same 512 requests and a model of
-  the same shapes (random weights), after the engine has been released.
+  the same shapes (random weights), after the engine has been released, in a child process of its own.
 
 The measurements are a list (``MEASUREMENTS``) of named functions over one ``SuiteContext``; others (the
 quantized variants, say) join with ``register_measurement`` and read earlier results from ``ctx.results``.
@@ -40,7 +40,8 @@ import torch
 from openautoglm.config.settings import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from openautoglm.engine.llm import LLM
 from openautoglm.engine.runner import ModelRunner
-from openautoglm.ops.bench_offline import synthetic_prompts, timed_engine_run, timed_generate_batch
+from openautoglm.ops.bench_offline import synthetic_prompts, timed_engine_run
+from openautoglm.ops.bench_reference import ReferenceJob, measure_reference
 from openautoglm.protocol.errors import ConfigError
 from openautoglm.protocol.request import GenerationRequest
 from openautoglm.protocol.sampling import SamplingParams
@@ -338,27 +339,23 @@ def _wait_listening(port: int, server: subprocess.Popen[bytes], timeout: float) 
 
 
 def measure_transformers(ctx: SuiteContext) -> dict[str, Any]:
-    """transformers' generate_batch (continuous batching, sdpa), random weights of the same shapes, greedy."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    """transformers' generate_batch (continuous batching, sdpa) on the same requests, in a child process of its
+    own after the engine has been released (ops/bench_reference.py says why); random weights of the same shapes
+    with ``--load-format dummy``, else the checkpoint's."""
     from openautoglm.engine.loader import resolve_checkpoint
 
     config = ctx.engine_config()
     path = resolve_checkpoint(config.model)
     ctx.release_engine()
     o = ctx.options
-    hf_config = AutoConfig.from_pretrained(path)
-    vocab = int(hf_config.vocab_size)
+    vocab = int(json.loads((path / "config.json").read_text())["vocab_size"])
     prompts = _offline_prompts(ctx, vocab)[: o.hf_requests or o.offline_requests]
-    torch.manual_seed(o.seed)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    model.eval()
-    out_tokens, elapsed = timed_generate_batch(model, prompts, o.offline_output_len, [prompts[0][:64]])
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    res = _throughput(prompts, out_tokens, elapsed)
+    job = ReferenceJob(
+        str(path), prompts, o.offline_output_len, dtype=o.dtype, device="cuda",
+        random_weights=o.load_format == "dummy", seed=o.seed, warmup=[prompts[0][:64]],
+    )  # fmt: skip
+    reference = measure_reference(job)
+    res = _throughput(prompts, reference.output_tokens, reference.elapsed_s)
     engine = ctx.results.get("offline_throughput")
     if engine and len(prompts) == engine["requests"]:
         res["engine_over_transformers"] = engine["total_tokens_per_s"] / res["total_tokens_per_s"]

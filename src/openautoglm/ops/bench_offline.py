@@ -1,14 +1,11 @@
-"""`autoglm bench offline`: throughput of the engine on synthetic requests, optionally against transformers'
-continuous-batching ``generate_batch`` on the same checkpoint and requests, in the same process."""
+"""`autoglm bench offline`: throughput of the engine on synthetic requests (the transformers reference it is
+compared with runs in a child process: ops/bench_reference.py)."""
 
 from __future__ import annotations
 
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
-
-import torch
 
 from openautoglm.config.settings import EngineConfig
 from openautoglm.engine.llm import LLM
@@ -81,36 +78,6 @@ def timed_engine_run(llm: LLM, prompts: list[list[int]], output_len: int, warmup
     return sum(len(s.token_ids) for r in results for s in r.sequences), elapsed
 
 
-def timed_generate_batch(
-    model: Any, prompts: list[list[int]], output_len: int, warmup: list[list[int]]
-) -> tuple[int, float]:
-    """transformers' continuous batching (``generate_batch``), greedy, no EOS, timed like the engine's run."""
-    from transformers import GenerationConfig
-
-    gen_cfg = GenerationConfig(
-        max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0, use_cuda_graph=False
-    )
-    # No inference_mode here: generate_batch runs its own worker thread and manages grad mode itself.
-    model.generate_batch(inputs=warmup, generation_config=gen_cfg)
-    with settled_heap():
-        start = time.perf_counter()
-        outputs = model.generate_batch(inputs=prompts, generation_config=gen_cfg)
-        elapsed = time.perf_counter() - start
-    failed = [o.error for o in outputs.values() if o.error]
-    if failed or len(outputs) != len(prompts):
-        raise RuntimeError(f"transformers generate_batch lost requests: {len(outputs)}/{len(prompts)}, {failed[:1]}")
-    return sum(len(o.generated_tokens) for o in outputs.values()), elapsed
-
-
 def bench_engine(config: EngineConfig, prompts: list[list[int]], output_len: int) -> Throughput:
     out_tokens, elapsed = timed_engine_run(LLM(config), prompts, output_len, prompts[:8])
     return Throughput("open-autoglm", len(prompts), sum(map(len, prompts)), out_tokens, elapsed)
-
-
-def bench_transformers(checkpoint: str, prompts: list[list[int]], output_len: int, dtype: torch.dtype) -> Throughput:
-    """transformers' generate_batch on the checkpoint, on the same prompts as the engine."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa").eval()
-    out_tokens, elapsed = timed_generate_batch(model, prompts, output_len, prompts[:8])
-    return Throughput("transformers generate_batch", len(prompts), sum(map(len, prompts)), out_tokens, elapsed)
