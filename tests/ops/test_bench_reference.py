@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from openautoglm.ops.bench_reference import REFERENCE_NAME, ReferenceError, ReferenceJob, main, measure_reference
+from openautoglm.ops.bench_reference import REFERENCE_NAME, ReferenceJob, main, measure_reference
+from openautoglm.protocol.errors import InternalError
 
 pytestmark = pytest.mark.slow
 
@@ -29,18 +30,18 @@ def test_reference_generates_every_token_it_is_asked_for(demo_dir: Path, random_
 
 def test_a_missing_checkpoint_is_named_in_the_error(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-checkpoint"
-    with pytest.raises(ReferenceError, match="reference failed") as info:
+    with pytest.raises(InternalError, match="reference failed") as info:
         measure_reference(_job(missing))
     assert "no-such-checkpoint" in str(info.value)
 
 
 def test_a_bad_dtype_is_refused_by_name(demo_dir: Path) -> None:
-    with pytest.raises(ReferenceError, match="dtype must name a torch dtype, got 'float7'"):
+    with pytest.raises(InternalError, match="dtype must name a torch dtype, got 'float7'"):
         measure_reference(_job(demo_dir, dtype="float7"))
 
 
 def test_a_reference_past_its_time_limit_is_stopped(demo_dir: Path) -> None:
-    with pytest.raises(ReferenceError, match="did not finish within 1 s"):
+    with pytest.raises(InternalError, match="did not finish within 1 s"):
         measure_reference(_job(demo_dir), timeout_s=1.0)
 
 

@@ -9,7 +9,7 @@ figures cannot be bent by it either.
 
 ``measure_reference(job)`` runs ``python -m openautoglm.ops.bench_reference JOB RESULT`` and returns its
 ``Throughput``; whatever stops the child (a bad checkpoint, lost requests, a crash, the time limit) is raised as
-a ``ReferenceError`` naming the cause.
+an ``InternalError`` naming the cause (one clear line from the CLI).
 """
 
 from __future__ import annotations
@@ -25,14 +25,10 @@ from typing import Any
 
 from openautoglm.ops.bench_offline import Throughput
 from openautoglm.ops.timing import settled_heap
-from openautoglm.protocol.errors import ConfigError
+from openautoglm.protocol.errors import ConfigError, InternalError
 
 REFERENCE_NAME = "transformers generate_batch"
 _STDERR_TAIL_CHARS = 2000
-
-
-class ReferenceError(RuntimeError):
-    """The transformers reference could not be measured."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,13 +56,13 @@ def measure_reference(job: ReferenceJob, timeout_s: float | None = None) -> Thro
         try:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired as exc:
-            raise ReferenceError(f"the transformers reference did not finish within {timeout_s:.0f} s") from exc
+            raise InternalError(f"the transformers reference did not finish within {timeout_s:.0f} s") from exc
         result = json.loads(result_path.read_text()) if result_path.exists() else {}
     if "error" in result:
-        raise ReferenceError(f"the transformers reference failed: {result['error']}")
+        raise InternalError(f"the transformers reference failed: {result['error']}")
     if proc.returncode != 0 or "throughput" not in result:
         tail = proc.stderr[-_STDERR_TAIL_CHARS:].strip()
-        raise ReferenceError(f"the transformers reference process exited with status {proc.returncode}: {tail}")
+        raise InternalError(f"the transformers reference process exited with status {proc.returncode}: {tail}")
     return Throughput(**result["throughput"])
 
 
@@ -114,7 +110,7 @@ def timed_generate_batch(
         elapsed = time.perf_counter() - start
     failed = [o.error for o in outputs.values() if o.error]
     if failed or len(outputs) != len(prompts):
-        raise ReferenceError(
+        raise InternalError(
             f"transformers generate_batch lost requests: {len(failed)} failed, {len(outputs)} of {len(prompts)} "
             f"returned; first error: {failed[:1]}"
         )
