@@ -13,6 +13,7 @@ from rich.table import Table
 from openautoglm.cli.common import TensorParallelOpt, build_settings, handle_errors, setup_logging
 from openautoglm.engine.core import resolve_device, resolve_dtype
 from openautoglm.engine.loader import resolve_checkpoint
+from openautoglm.engine.platform import dtype_name
 from openautoglm.ops.bench_offline import Throughput, bench_engine, parse_range, synthetic_prompts
 from openautoglm.ops.bench_reference import ReferenceJob, measure_reference
 
@@ -43,7 +44,7 @@ def offline(
     results = [bench_engine(settings.engine, prompts, output_len)]
     if compare_transformers:
         device = resolve_device(settings.engine.model.device)
-        dtype = str(resolve_dtype(settings.engine.model.dtype, device)).removeprefix("torch.")
+        dtype = dtype_name(resolve_dtype(settings.engine.model.dtype, device))
         job = ReferenceJob(str(path), prompts, output_len, dtype=dtype, device=str(device), warmup=prompts[:8])
         results.append(measure_reference(job))
     _report(results, as_json)

@@ -18,7 +18,7 @@ from openautoglm.engine.kv_cache import KVCacheManager
 from openautoglm.engine.loader import load_model
 from openautoglm.engine.memory import step_reserve_bytes
 from openautoglm.engine.parallel.workers import TensorParallelError, WorkerGroup
-from openautoglm.engine.platform import configure_launches
+from openautoglm.engine.platform import configure_launches, dtype_name
 from openautoglm.engine.request import PLACEHOLDER, Request
 from openautoglm.engine.runner import ModelRunner, kv_cache_budget_bytes, kv_cache_bytes_per_block
 from openautoglm.engine.sampling import SampledLogprobs, Sampler, SamplingPlan
@@ -154,7 +154,7 @@ class EngineCore:
         self._num_steps = 0
         logger.info(
             "Open-AutoGLM engine ready: %s (%s) on %s/%s, max_model_len %d, %d KV blocks of %d tokens, %s attention",
-            self.model_name, self.arch.architecture, self.device, str(self.dtype).removeprefix("torch."),
+            self.model_name, self.arch.architecture, self.device, dtype_name(self.dtype),
             self.max_model_len, num_blocks, block_size, backend.name,
         )  # fmt: skip
 
@@ -198,7 +198,7 @@ class EngineCore:
         if not cfg.enforce_eager:
             graph_batch = min(cfg.cuda_graph_max_batch, cfg.scheduler.max_num_seqs)
         return step_reserve_bytes(
-            self.arch, str(self.dtype).removeprefix("torch."), cfg.scheduler.max_num_batched_tokens,
+            self.arch, dtype_name(self.dtype), cfg.scheduler.max_num_batched_tokens,
             cfg.scheduler.max_num_seqs, graph_batch, cfg.tensor_parallel_size,
         )  # fmt: skip
 

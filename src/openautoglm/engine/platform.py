@@ -26,6 +26,11 @@ def _cc(capability: tuple[int, int]) -> str:
     return f"{capability[0]}.{capability[1]}"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype as Open-AutoGLM's settings and child processes spell it ("bfloat16", not "torch.bfloat16")."""
+    return str(dtype).removeprefix("torch.")
+
+
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -342,14 +342,13 @@ def measure_transformers(ctx: SuiteContext) -> dict[str, Any]:
     """transformers' generate_batch (continuous batching, sdpa) on the same requests, in a child process of its
     own after the engine has been released (ops/bench_reference.py says why); random weights of the same shapes
     with ``--load-format dummy``, else the checkpoint's."""
-    from openautoglm.engine.loader import resolve_checkpoint
+    from openautoglm.engine.loader import read_arch_config, resolve_checkpoint
 
     config = ctx.engine_config()
     path = resolve_checkpoint(config.model)
     ctx.release_engine()
     o = ctx.options
-    vocab = int(json.loads((path / "config.json").read_text())["vocab_size"])
-    prompts = _offline_prompts(ctx, vocab)[: o.hf_requests or o.offline_requests]
+    prompts = _offline_prompts(ctx, read_arch_config(path).vocab_size)[: o.hf_requests or o.offline_requests]
     job = ReferenceJob(
         str(path), prompts, o.offline_output_len, dtype=o.dtype, device="cuda",
         random_weights=o.load_format == "dummy", seed=o.seed, warmup=[prompts[0][:64]],

@@ -34,6 +34,7 @@ import torch
 from openautoglm.config.settings import EngineConfig
 from openautoglm.engine.parallel.context import TensorParallel, connect, master_store, set_collective_env
 from openautoglm.engine.parallel.sharding import check_tensor_parallel
+from openautoglm.engine.platform import dtype_name
 from openautoglm.protocol.errors import ConfigError, EngineError
 
 logger = logging.getLogger(__name__)
@@ -113,9 +114,7 @@ class WorkerGroup:
             for rank in range(1, size):
                 cmd_out, cmd_in = ctx.Pipe(duplex=False)
                 rep_out, rep_in = ctx.Pipe(duplex=False)
-                spec = WorkerSpec(
-                    config, rank, size, store.port, str(devices[rank]), str(dtype).removeprefix("torch."), os.getpid()
-                )
+                spec = WorkerSpec(config, rank, size, store.port, str(devices[rank]), dtype_name(dtype), os.getpid())
                 proc = ctx.Process(
                     target=worker_main, args=(spec, cmd_out, rep_in), name=f"autoglm-tp-rank{rank}", daemon=True
                 )
